@@ -1,0 +1,17 @@
+# The two set-up commands of the README: `make demo` (main job) and `make test` (test suite).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: venv demo test lint bench
+venv:
+	VENV=$(VENV) scripts/setup_venv.sh
+
+demo: venv
+	$(PY) -m newtonlm.kernels.bench --small
+
+test: venv
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+	$(VENV)/bin/ruff check .
+
+bench: venv
+	$(PY) -m newtonlm.kernels.bench

@@ -1,0 +1,170 @@
+"""``parallel_rnn``: the differentiable entry point (forward solve + adjoint backward).
+
+Forward: one of the modes below solves ``h_t = f(h_{t-1}, u_t)``. Backward (every mode): the
+adjoint. Only ``u``, ``h0``, the parameters and the converged ``h`` are saved; with
+``g_t = dL/dh_t``,
+
+    lambda_t = g_t + J_{t+1}^T lambda_{t+1}     (one reversed linear scan)
+
+and then ``du_t``, ``d params`` and ``dh0`` are vector-Jacobian products of ``f`` at
+``(h_{t-1}, u_t)`` with ``lambda_t``, evaluated for all t at once. No autograd through a time loop
+or through Newton iterates.
+
+Modes:
+  "sequential" apply f step by step (compiled C loop for the built-in cells on CPU);
+  "parallel"   Newton in PyTorch, linear solves by the compiled CPU scan (CPU) or log-depth
+               doubling (GPU);
+  "triton"     Newton in PyTorch, linear solves by the Triton scan kernels;
+  "fused"      the whole Newton routine and the adjoint in one Triton kernel each (GRU/LSTM only);
+  "auto"       the fastest measured path for the device (docs/benchmarks.md): CPU -> "sequential"
+               for the built-in cells (the C loop beats a Newton forward on a few cores) and
+               "parallel" for custom cells; CUDA -> "fused" for built-in cells, "triton" otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import cpu_ext
+from .cells import BLOCK2, DIAG, Cell, GRUCell, LSTMCell
+from .newton import NewtonConfig, NewtonStats, shift, solve, state_shape
+from .scan import linear_scan, triton_usable
+
+MODES = ("auto", "sequential", "parallel", "triton", "fused")
+
+
+def _is_builtin(cell) -> bool:
+    return type(cell) in (GRUCell, LSTMCell)
+
+
+def resolve_mode(mode: str, cell: Cell, device: torch.device) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}; expected one of {MODES}")
+    if mode == "auto":
+        if device.type == "cuda":
+            return "fused" if _is_builtin(cell) else "triton"
+        return "sequential" if _is_builtin(cell) else "parallel"
+    if mode in ("triton", "fused") and not triton_usable(device):
+        raise ValueError(f"mode={mode!r} needs CUDA tensors (got {device}) or TRITON_INTERPRET=1 "
+                         "set before newtonlm is imported; use mode='auto' on CPU")
+    if mode == "fused" and not _is_builtin(cell):
+        raise ValueError(f"mode='fused' exists for the built-in GRU/LSTM cells only, not for "
+                         f"{type(cell).__name__}; use mode='triton' or 'parallel'")
+    return mode
+
+
+def _backward_scan_backend(mode: str, device: torch.device) -> str:
+    if mode in ("triton", "fused"):
+        return "triton"
+    if device.type == "cpu":
+        return "cpu" if cpu_ext.available() else "torch"
+    return "triton" if mode == "sequential" else "doubling"
+
+
+def adjoint_backward(cell, u, params, h0, h, grad_h, scan_backend: str):
+    """Gradients (du, dh0, dparams) from the converged states ``h`` and ``grad_h = dL/dh``.
+
+    For the built-in cells on CPU the compiled kernel does the same computation in one fused pass
+    (the carried ``J_{t+1}^T lambda_{t+1}`` is the VJP of step t+1 with respect to h_t)."""
+    if scan_backend == "cpu" and cpu_ext.supports(u, h0, h, grad_h, *params):
+        if type(cell) is GRUCell:
+            du, dA, dh0 = cpu_ext.gru_adjoint(u, params[0], h0, h, grad_h)
+            return du, dh0, (dA,)
+        if type(cell) is LSTMCell:
+            du, dA, dC, dh0 = cpu_ext.lstm_adjoint(u, params[0], params[1], h0, h, grad_h)
+            return du, dh0, (dA, dC)
+    h_prev = shift(h, h0, cell.structure)
+    J = cell.jacobian(h_prev, u, params)
+    # A_t = J_{t+1}^T for t < T-1 and 0 at the end: lambda_t = g_t + A_t lambda_{t+1}
+    A = torch.empty_like(J)
+    if cell.structure == DIAG:
+        A[:, :-1] = J[:, 1:]
+    else:
+        A[:, :-1] = J[:, 1:].transpose(-3, -2)
+    A[:, -1].zero_()
+    lam = linear_scan(A, grad_h.contiguous(), None, reverse=True, structure=cell.structure,
+                      backend=scan_backend)
+    dh_prev, du, dparams = cell.vjp(h_prev, u, params, lam)
+    dh0 = None if h0 is None else dh_prev[:, 0]
+    return du, dh0, dparams
+
+
+class _ParallelRNN(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, cell, cfg, stats, mode, u, h0, *params):
+        h = solve(cell, u, params, h0, cfg, mode, stats)
+        ctx.cell, ctx.mode, ctx.has_h0 = cell, mode, h0 is not None
+        ctx.save_for_backward(u, h0, h, *params)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        u, h0, h, *params = ctx.saved_tensors
+        cell, mode = ctx.cell, ctx.mode
+        if mode == "fused":
+            from . import triton_fused
+
+            if type(cell) is GRUCell:
+                du, dA, dh0 = triton_fused.fused_gru_backward(u, params[0], h0, h, grad_h)
+                dparams = (dA,)
+            else:
+                du, dA, dC, dh0 = triton_fused.fused_lstm_backward(u, params[0], params[1], h0, h,
+                                                                   grad_h)
+                dparams = (dA, dC)
+        else:
+            du, dh0, dparams = adjoint_backward(cell, u, tuple(params), h0, h, grad_h,
+                                                _backward_scan_backend(mode, u.device))
+        dparams = tuple(g.to(p.dtype) for g, p in zip(dparams, params))
+        dh0 = dh0 if ctx.has_h0 else None
+        return (None, None, None, None, du.to(u.dtype), dh0, *dparams)
+
+
+def _check_inputs(cell, u, params, h0):
+    if not isinstance(cell, Cell):
+        raise ValueError(f"cell is {type(cell).__name__}; expected a newtonlm.kernels.Cell")
+    if cell.structure not in (DIAG, BLOCK2):
+        raise ValueError(f"cell.structure={cell.structure!r}; expected 'diag' or 'block2'")
+    if not isinstance(u, torch.Tensor) or u.dim() != 4 or u.shape[2] != cell.num_gates:
+        shape = tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__
+        raise ValueError(f"u has shape {shape}; expected [B, T, {cell.num_gates}, N] "
+                         f"(B batch, T time, {cell.num_gates} gate rows of cell {cell.name!r})")
+    if u.shape[1] == 0:
+        raise ValueError(f"u has shape {tuple(u.shape)}; expected at least one time step (T >= 1)")
+    if not u.dtype.is_floating_point:
+        raise ValueError(f"u has dtype {u.dtype}; expected a floating-point dtype")
+    B, _, _, N = u.shape
+    want = (B, N) if cell.structure == DIAG else (B, 2, N)
+    if h0 is not None:
+        if tuple(h0.shape) != want:
+            raise ValueError(f"h0 has shape {tuple(h0.shape)}; expected {want}")
+        if h0.device != u.device:
+            raise ValueError(f"h0 is on {h0.device}; expected {u.device} like u")
+    for i, p in enumerate(params):
+        if not isinstance(p, torch.Tensor):
+            raise ValueError(f"params[{i}] is {type(p).__name__}; expected a tensor")
+        if p.device != u.device:
+            raise ValueError(f"params[{i}] is on {p.device}; expected {u.device} like u")
+
+
+def parallel_rnn(cell: Cell, u: torch.Tensor, params: tuple = (), h0: torch.Tensor | None = None, *,
+                 mode: str = "auto", newton: NewtonConfig | None = None,
+                 stats: NewtonStats | None = None) -> torch.Tensor:
+    """Apply ``cell`` over the sequence: ``u [B, T, K, N]`` -> states ``[B, T, N]`` (diagonal cells)
+    or ``[B, T, 2, N]`` (2x2-block cells). Differentiable in ``u``, ``h0`` and ``params``.
+
+    The solve runs in fp32 (fp64 stays fp64), also under ``torch.autocast``. Newton telemetry is
+    accumulated into ``stats`` when given. Under ``torch.compile`` this call is a graph break.
+    """
+    _check_inputs(cell, u, tuple(params), h0)
+    resolved = resolve_mode(mode, cell, u.device)
+    cfg = newton or NewtonConfig()
+    dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        args = [u.to(dtype).contiguous(), None if h0 is None else h0.to(dtype).contiguous(),
+                *(p.to(dtype) for p in params)]
+        return _ParallelRNN.apply(cell, cfg, stats, resolved, *args)
+
+
+parallel_rnn = torch.compiler.disable(parallel_rnn)
+
+__all__ = ["parallel_rnn", "adjoint_backward", "resolve_mode", "MODES", "state_shape"]
