@@ -50,6 +50,7 @@ class Cell(abc.ABC):
         def f(hh):
             return self.step(hh, u, params)
 
+        h = h.contiguous()  # a dual tensor cannot be built on an expanded (overlapping) view
         if self.structure == DIAG:
             return torch.func.jvp(f, (h,), (torch.ones_like(h),))[1]
         cols = []

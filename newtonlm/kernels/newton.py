@@ -35,7 +35,8 @@ class NewtonConfig:
     max_iters: Newton iterations (the ParaRNN reference always runs 3).
     tol: stop early once the residual max|f(h_{t-1}, u_t) - h_t| is at or below this (None: never).
     accept_tol: a result whose final residual is above this is rejected (fallback); None picks
-        1e-4 for fp32 and 1e-9 for fp64 (residuals of converged solves are ~1e-7 and ~1e-15).
+        1e-4 for fp32 and 1e-9 for fp64 (residuals of converged solves are ~1e-7 and ~1e-15),
+        or ``tol`` if that is larger (a result meeting the user's tolerance is accepted).
     fallback: "sequential" (recompute step by step, warn once) or "raise".
     """
 
@@ -57,7 +58,8 @@ class NewtonConfig:
     def accept_for(self, dtype: torch.dtype) -> float:
         if self.accept_tol is not None:
             return self.accept_tol
-        return 1e-9 if dtype == torch.float64 else 1e-4
+        default = 1e-9 if dtype == torch.float64 else 1e-4
+        return max(default, self.tol) if self.tol is not None else default
 
 
 @dataclass

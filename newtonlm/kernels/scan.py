@@ -98,7 +98,7 @@ def _compose(Ja, Jb, structure):
     """The operator of applying Ja after Jb: Ja @ Jb."""
     if structure == DIAG:
         return Ja * Jb
-    return (Ja.unsqueeze(-2) * Jb.transpose(-3, -2).unsqueeze(-4)).sum(-2)
+    return torch.einsum("...ijn,...jkn->...ikn", Ja, Jb)
 
 
 def _scan_doubling(J, r, h0, reverse, structure):
