@@ -51,6 +51,13 @@ def test_cpu_fp32_long_sequence(structure, reverse):
     torch.testing.assert_close(out.double(), ref(structure, J, r, h0, reverse), **F32)
 
 
+@pytest.mark.parametrize("structure", ["diag", "block2"])
+def test_cpu_any_length_65537(structure):
+    J, r, h0 = problem(structure, 1, 65537, 2)
+    out = linear_scan(J, r, h0, structure=structure, backend="cpu")
+    torch.testing.assert_close(out, ref(structure, J, r, h0, False), **F64)
+
+
 def test_auto_uses_compiled_library_on_cpu():
     assert cpu_ext.available(), cpu_ext.status()
     J, r, _ = problem("diag", 2, 9, 4)
