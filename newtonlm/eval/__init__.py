@@ -1,0 +1,1 @@
+"""newtonlm.eval: see README (filled by later work)."""

@@ -1,0 +1,1 @@
+"""newtonlm.training: see README (filled by later work)."""
