@@ -1,0 +1,99 @@
+"""Process-group set-up for every launch path.
+
+* no launcher (``python -m newtonlm.training.train``): one process; RANK/WORLD_SIZE/MASTER_* are set
+  here (a free local port) so that DeepSpeed does not look for MPI;
+* torchrun, the deepspeed launcher, Slurm (``srun``): their environment variables are used as is
+  (Slurm's SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID are mapped when RANK is absent).
+
+Backend: nccl with CUDA, gloo otherwise. Every collective times out after ``timeout_s``, so a dead
+rank makes the others fail (non-zero exit) instead of hanging.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fill_env() -> None:
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env and "MASTER_ADDR" in env:
+        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    if "RANK" not in env:
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+    env.setdefault("LOCAL_RANK", "0")
+
+
+def init_distributed(timeout_s: int, shm_comm: bool = False) -> DistInfo:
+    """Initialize torch.distributed (and DeepSpeed's comm layer on top of it). ``shm_comm``:
+    let DeepSpeed build and use its shared-memory CPU all-reduce (compiled at first use)."""
+    _fill_env()
+    if not shm_comm:
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                               timeout=datetime.timedelta(seconds=timeout_s))
+    return DistInfo(rank, world, local_rank, device)
+
+
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    """Sum a few floats over all ranks (float64 on the wire)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def any_rank(flag: bool, device) -> bool:
+    return all_reduce_sum([float(flag)], device)[0] > 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

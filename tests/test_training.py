@@ -1,0 +1,148 @@
+"""The training job end to end, in subprocesses (as users run it): DeepSpeed on CPU (gloo)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["model.hidden_size=32", "model.num_hidden_layers=2", "model.intermediate_size=64",
+        "model.num_heads=2", "train.seq_len=32", "train.micro_batch_size=2", "train.eval_every=3",
+        "train.log_every=1", "train.sample_tokens=0", "train.progress=false", "data.val_batches=2",
+        "data.num_workers=1", "data.tokenizer.vocab_size=512", "wandb=disabled"]
+
+
+@pytest.fixture(scope="module")
+def tok_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("tokenizers")
+
+
+def train(run_dir, *overrides, nproc=1, faults="", tok_cache=None, check=True, timeout=600):
+    args = [*TINY, f"hydra.run.dir={run_dir}", *overrides]
+    if tok_cache is not None:
+        args.append(f"data.tokenizer.cache_dir={tok_cache}")
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "newtonlm.training.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", str(nproc), "-m", "newtonlm.training.train", *args]
+    env = {**os.environ, "NEWTONLM_FAULTS": faults, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout} s\n{out[-3000:]}\n{err[-5000:]}") from None
+    proc = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def records(run_dir, kind="train"):
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def losses(run_dir):
+    return [(r["step"], r["loss"], r["tokens_seen"]) for r in records(run_dir)]
+
+
+def test_single_process_run_writes_config_metrics_and_checkpoints(tmp_path, tok_cache):
+    run = tmp_path / "run"
+    proc = train(run, "train.max_steps=4", "train.save_every=2", tok_cache=tok_cache)
+    assert (run / "config.yaml").is_file() and (run / "tokenizer" / "tokenizer.json").is_file()
+    recs = records(run)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    for r in recs:
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen", "mfu"):
+            assert isinstance(r[key], float | int), (key, r)
+        assert "newton/layer0/iterations" in r and "newton/fallbacks" in r
+    assert recs[-1]["tokens_seen"] == 4 * 2 * 32
+    assert recs[0]["loss"] > recs[-1]["loss"]
+    val = records(run, "val")
+    assert val and all(abs(v["val_ppl"] - 2.718281828 ** v["val_loss"]) < 1e-6 * v["val_ppl"]
+                       for v in val)
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert ckpts == ["step_00000002", "step_00000004"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert "validation: loss" in proc.stdout
+
+
+def test_resume_is_exact_single_process(tmp_path, tok_cache):
+    common = ["train.max_steps=6", "train.save_every=2"]
+    train(tmp_path / "a", *common, tok_cache=tok_cache)
+    interrupted = train(tmp_path / "b", *common, faults="sigterm@3", tok_cache=tok_cache)
+    assert "preempted (SIGTERM)" in interrupted.stdout
+    assert [r["step"] for r in records(tmp_path / "b")][-1] == 3
+    resumed = train(tmp_path / "b", *common, tok_cache=tok_cache)
+    assert "resumed from step_00000003" in resumed.stderr
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")  # bit for bit (floats from JSON)
+
+
+def test_resume_is_exact_two_processes_zero2(tmp_path, tok_cache):
+    common = ["train.max_steps=4", "train.save_every=2", "train.zero_stage=2"]
+    train(tmp_path / "a", *common, nproc=2, tok_cache=tok_cache)
+    train(tmp_path / "b", *common, nproc=2, faults="sigterm@2", tok_cache=tok_cache)
+    train(tmp_path / "b", *common, nproc=2, tok_cache=tok_cache)
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert len(a) == 4 and a == b
+    assert a[-1][2] == 4 * 2 * 2 * 32  # tokens: steps x ranks x micro-batch x seq_len
+
+
+def test_kill_during_save_leaves_previous_checkpoint(tmp_path, tok_cache):
+    run = tmp_path / "run"
+    common = ["train.max_steps=4", "train.save_every=2"]
+    proc = train(run, *common, faults="kill_in_save@4", tok_cache=tok_cache, check=False)
+    assert proc.returncode == -signal.SIGKILL
+    ck = run / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "step_00000002"
+    assert (ck / "step_00000004").is_dir() and not (ck / "step_00000004" / "COMPLETE").exists()
+    resumed = train(run, *common, tok_cache=tok_cache)
+    assert "resumed from step_00000002" in resumed.stderr
+    assert (ck / "step_00000004" / "COMPLETE").is_file()
+    train(tmp_path / "ref", *common, tok_cache=tok_cache)
+    assert losses(run) == losses(tmp_path / "ref")
+
+
+def test_nan_loss_is_skipped_and_counted(tmp_path, tok_cache):
+    run = tmp_path / "run"
+    train(run, "train.max_steps=4", "train.inject_nan_steps=[2]", tok_cache=tok_cache)
+    recs = records(run)
+    assert [r["skipped"] for r in recs] == [False, True, False, False]
+    assert recs[1]["loss"] is None and recs[-1]["skipped_total"] == 1
+    assert all(r["loss"] is not None for r in recs if not r["skipped"])
+
+
+def test_consecutive_skips_stop_with_a_checkpoint(tmp_path, tok_cache):
+    run = tmp_path / "run"
+    proc = train(run, "train.max_steps=6", "train.inject_nan_steps=[2,3]",
+                 "train.max_consecutive_skips=2", tok_cache=tok_cache, check=False)
+    assert proc.returncode == 3
+    assert "2 consecutive non-finite steps" in proc.stderr
+    assert (run / "checkpoints" / "step_00000003" / "COMPLETE").is_file()
+
+
+def test_dead_rank_does_not_hang(tmp_path, tok_cache):
+    proc = train(tmp_path / "run", "train.max_steps=6", "train.dist_timeout_s=60", nproc=2,
+                 faults="exit@1:2", tok_cache=tok_cache, check=False, timeout=300)
+    assert proc.returncode != 0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_step=5", "max_step"),
+    ("train.lr=-1", "train.lr=-1"),
+    ("model.hidden_size=-8", "hidden_size"),
+    ("train.zero_stage=5", "train.zero_stage=5"),
+])
+def test_bad_override_is_a_clear_error(tmp_path, tok_cache, override, message):
+    proc = train(tmp_path / "run", override, tok_cache=tok_cache, check=False, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr + proc.stdout
