@@ -7,7 +7,7 @@ venv:
 	VENV=$(VENV) scripts/setup_venv.sh
 
 demo: venv
-	$(PY) -m newtonlm.kernels.bench --small
+	$(PY) -m newtonlm.training.train
 
 test: venv
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
@@ -15,3 +15,5 @@ test: venv
 
 bench: venv
 	$(PY) -m newtonlm.kernels.bench
+	$(PY) -m newtonlm.models.bench
+	$(PY) -m newtonlm.data.bench
