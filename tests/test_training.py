@@ -55,9 +55,19 @@ def losses(run_dir):
     return [(r["step"], r["loss"], r["tokens_seen"]) for r in records(run_dir)]
 
 
-def test_single_process_run_writes_config_metrics_and_checkpoints(tmp_path, tok_cache):
-    run = tmp_path / "run"
-    proc = train(run, "train.max_steps=4", "train.save_every=2", tok_cache=tok_cache)
+COMMON = ["train.max_steps=4", "train.save_every=2"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tok_cache):
+    """An uninterrupted single-process run that the resume tests compare against."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    proc = train(run, *COMMON, tok_cache=tok_cache)
+    return run, proc
+
+
+def test_single_process_run_writes_config_metrics_and_checkpoints(reference_run):
+    run, proc = reference_run
     assert (run / "config.yaml").is_file() and (run / "tokenizer" / "tokenizer.json").is_file()
     recs = records(run)
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
@@ -68,7 +78,7 @@ def test_single_process_run_writes_config_metrics_and_checkpoints(tmp_path, tok_
     assert recs[-1]["tokens_seen"] == 4 * 2 * 32
     assert recs[0]["loss"] > recs[-1]["loss"]
     val = records(run, "val")
-    assert val and all(abs(v["val_ppl"] - 2.718281828 ** v["val_loss"]) < 1e-6 * v["val_ppl"]
+    assert val and all(abs(v["val_ppl"] - 2.718281828459045 ** v["val_loss"]) < 1e-6 * v["val_ppl"]
                        for v in val)
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
     assert ckpts == ["step_00000002", "step_00000004"]
@@ -76,58 +86,52 @@ def test_single_process_run_writes_config_metrics_and_checkpoints(tmp_path, tok_
     assert "validation: loss" in proc.stdout
 
 
-def test_resume_is_exact_single_process(tmp_path, tok_cache):
-    common = ["train.max_steps=6", "train.save_every=2"]
-    train(tmp_path / "a", *common, tok_cache=tok_cache)
-    interrupted = train(tmp_path / "b", *common, faults="sigterm@3", tok_cache=tok_cache)
+def test_preemption_then_resume_is_exact(tmp_path, tok_cache, reference_run):
+    run = tmp_path / "run"
+    interrupted = train(run, *COMMON, faults="sigterm@3", tok_cache=tok_cache)
     assert "preempted (SIGTERM)" in interrupted.stdout
-    assert [r["step"] for r in records(tmp_path / "b")][-1] == 3
-    resumed = train(tmp_path / "b", *common, tok_cache=tok_cache)
+    assert [r["step"] for r in records(run)][-1] == 3
+    assert (run / "checkpoints" / "step_00000003" / "COMPLETE").is_file()
+    resumed = train(run, *COMMON, tok_cache=tok_cache)
     assert "resumed from step_00000003" in resumed.stderr
-    assert losses(tmp_path / "a") == losses(tmp_path / "b")  # bit for bit (floats from JSON)
+    assert losses(reference_run[0]) == losses(run)  # bit for bit (floats from JSON)
+
+
+def test_kill_during_save_leaves_previous_checkpoint(tmp_path, tok_cache, reference_run):
+    run = tmp_path / "run"
+    proc = train(run, *COMMON, faults="kill_in_save@4", tok_cache=tok_cache, check=False)
+    assert proc.returncode == -signal.SIGKILL
+    ck = run / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "step_00000002"
+    assert (ck / "step_00000004").is_dir() and not (ck / "step_00000004" / "COMPLETE").exists()
+    resumed = train(run, *COMMON, tok_cache=tok_cache)
+    assert "resumed from step_00000002" in resumed.stderr
+    assert (ck / "step_00000004" / "COMPLETE").is_file()
+    assert losses(reference_run[0]) == losses(run)
 
 
 def test_resume_is_exact_two_processes_zero2(tmp_path, tok_cache):
     common = ["train.max_steps=4", "train.save_every=2", "train.zero_stage=2"]
     train(tmp_path / "a", *common, nproc=2, tok_cache=tok_cache)
-    train(tmp_path / "b", *common, nproc=2, faults="sigterm@2", tok_cache=tok_cache)
+    train(tmp_path / "b", *common, nproc=2, faults="sigterm@3", tok_cache=tok_cache)
     train(tmp_path / "b", *common, nproc=2, tok_cache=tok_cache)
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert len(a) == 4 and a == b
     assert a[-1][2] == 4 * 2 * 2 * 32  # tokens: steps x ranks x micro-batch x seq_len
 
 
-def test_kill_during_save_leaves_previous_checkpoint(tmp_path, tok_cache):
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, tok_cache):
     run = tmp_path / "run"
-    common = ["train.max_steps=4", "train.save_every=2"]
-    proc = train(run, *common, faults="kill_in_save@4", tok_cache=tok_cache, check=False)
-    assert proc.returncode == -signal.SIGKILL
-    ck = run / "checkpoints"
-    assert (ck / "latest").read_text().strip() == "step_00000002"
-    assert (ck / "step_00000004").is_dir() and not (ck / "step_00000004" / "COMPLETE").exists()
-    resumed = train(run, *common, tok_cache=tok_cache)
-    assert "resumed from step_00000002" in resumed.stderr
-    assert (ck / "step_00000004" / "COMPLETE").is_file()
-    train(tmp_path / "ref", *common, tok_cache=tok_cache)
-    assert losses(run) == losses(tmp_path / "ref")
-
-
-def test_nan_loss_is_skipped_and_counted(tmp_path, tok_cache):
-    run = tmp_path / "run"
-    train(run, "train.max_steps=4", "train.inject_nan_steps=[2]", tok_cache=tok_cache)
-    recs = records(run)
-    assert [r["skipped"] for r in recs] == [False, True, False, False]
-    assert recs[1]["loss"] is None and recs[-1]["skipped_total"] == 1
-    assert all(r["loss"] is not None for r in recs if not r["skipped"])
-
-
-def test_consecutive_skips_stop_with_a_checkpoint(tmp_path, tok_cache):
-    run = tmp_path / "run"
-    proc = train(run, "train.max_steps=6", "train.inject_nan_steps=[2,3]",
+    proc = train(run, "train.max_steps=8", "train.inject_nan_steps=[2,4,5]",
                  "train.max_consecutive_skips=2", tok_cache=tok_cache, check=False)
-    assert proc.returncode == 3
+    assert proc.returncode == 3, proc.stderr[-2000:]
     assert "2 consecutive non-finite steps" in proc.stderr
-    assert (run / "checkpoints" / "step_00000003" / "COMPLETE").is_file()
+    recs = records(run)
+    assert [r["skipped"] for r in recs] == [False, True, False, True, True]
+    assert recs[1]["loss"] is None and recs[-1]["skipped_total"] == 3
+    assert all(r["loss"] is not None for r in recs if not r["skipped"])
+    # the stop checkpoint holds the last good state (skipped steps change nothing)
+    assert (run / "checkpoints" / "step_00000005" / "COMPLETE").is_file()
 
 
 def test_dead_rank_does_not_hang(tmp_path, tok_cache):
@@ -136,13 +140,30 @@ def test_dead_rank_does_not_hang(tmp_path, tok_cache):
     assert proc.returncode != 0
 
 
+def test_bad_override_on_the_command_line(tmp_path, tok_cache):
+    proc = train(tmp_path / "run", "train.max_step=5", tok_cache=tok_cache, check=False, timeout=120)
+    assert proc.returncode != 0 and "max_step" in proc.stderr
+
+
 @pytest.mark.parametrize("override, message", [
-    ("train.max_step=5", "max_step"),
-    ("train.lr=-1", "train.lr=-1"),
+    ("train.max_step=5", "Could not override 'train.max_step'"),
+    ("+train.max_step=5", r"unknown setting\(s\) train.max_step \(did you mean train.max_steps\?\)"),
+    ("train.lr=-1", "train.lr=-1.0; expected > 0"),
+    ("train.zero_stage=5", "train.zero_stage=5; expected 0, 1, 2 or 3"),
+    ("train.precision=fp16", "train.precision='fp16'"),
+    ("wandb.mode=cloud", "wandb.mode='cloud'"),
+    ("train.micro_batch_size=abc", "micro_batch_size"),
     ("model.hidden_size=-8", "hidden_size"),
-    ("train.zero_stage=5", "train.zero_stage=5"),
 ])
-def test_bad_override_is_a_clear_error(tmp_path, tok_cache, override, message):
-    proc = train(tmp_path / "run", override, tok_cache=tok_cache, check=False, timeout=120)
-    assert proc.returncode != 0
-    assert message in proc.stderr + proc.stdout
+def test_bad_override_is_a_clear_error(override, message):
+    from hydra import compose, initialize_config_dir
+
+    from newtonlm.models import build_model
+    from newtonlm.training.config import load_settings, register_schemas, validate
+
+    register_schemas()
+    with pytest.raises(Exception, match=message):
+        with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+            cfg = compose("train", overrides=[override])
+            validate(*load_settings(cfg), 1)
+            build_model(cfg.model, 512)

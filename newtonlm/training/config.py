@@ -14,6 +14,8 @@ at composition, before anything runs.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from dataclasses import dataclass
 
 from hydra.core.config_store import ConfigStore
@@ -101,9 +103,31 @@ class WandbConfig:
 
 
 def register_schemas() -> None:
+    """Register the train/wandb schemas (and, by importing it, newtonlm.data's data/schema)."""
+    from .. import data  # noqa: F401  (registers data/schema)
+
     cs = ConfigStore.instance()
     cs.store(group="train", name="schema", node=TrainConfig)
     cs.store(group="wandb", name="schema", node=WandbConfig)
+
+
+def load_settings(cfg) -> tuple[TrainConfig, WandbConfig]:
+    """The composed ``train`` and ``wandb`` nodes as dataclasses. Keys forced in with Hydra's
+    ``+train.key=...`` bypass the schema, so unknown keys are checked here too."""
+    from omegaconf import OmegaConf
+
+    out = []
+    for section, cls in (("train", TrainConfig), ("wandb", WandbConfig)):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(cfg[section].keys()) - known)
+        if unknown:
+            close = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+            hints = ", ".join(f"{section}.{k}" + (f" (did you mean {section}.{c[0]}?)" if c else "")
+                              for k, c in close.items())
+            raise ValueError(f"unknown setting(s) {hints}; the fields are documented in "
+                             f"newtonlm/training/config.py ({cls.__name__})")
+        out.append(OmegaConf.to_object(cfg[section]))
+    return out[0], out[1]
 
 
 def validate(train: TrainConfig, wandb: WandbConfig, world_size: int) -> None:

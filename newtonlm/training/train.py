@@ -29,7 +29,7 @@ from .. import data as nd
 from .. import models as nm
 from . import faults
 from .checkpoint import Checkpoints
-from .config import TrainConfig, WandbConfig, register_schemas, validate
+from .config import load_settings, register_schemas, validate
 from .distributed import all_reduce_sum, barrier, init_distributed
 from .metrics import MetricsLog, Progress, init_wandb, peak_flops
 from .optim import build_optimizer, build_scheduler, deepspeed_config
@@ -122,8 +122,7 @@ def _check_resume_config(saved: dict, resolved: dict, world: int) -> None:
 
 def run(cfg: DictConfig) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    train_cfg: TrainConfig = OmegaConf.to_object(cfg.train)
-    wandb_cfg: WandbConfig = OmegaConf.to_object(cfg.wandb)
+    train_cfg, wandb_cfg = load_settings(cfg)
     info = init_distributed(train_cfg.dist_timeout_s, shm_comm=train_cfg.deepspeed_shm_comm)
     rank, world, device, main = info.rank, info.world_size, info.device, info.is_main
     validate(train_cfg, wandb_cfg, world)

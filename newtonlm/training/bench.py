@@ -1,0 +1,124 @@
+"""End-to-end training throughput: ``python -m newtonlm.training.bench [--json]``.
+
+For each architecture at its demo preset: the trainer (``python -m newtonlm.training.train``, the
+real job: DeepSpeed engine, data pipeline, logging) with 1 and 2 processes, and a bare loop of the
+same model in this process (random token batches of the same shape, forward + backward + AdamW
+step, no DeepSpeed, no data pipeline, no logging). Reported: median tokens/s and MFU over the
+steps after warm-up, the peak resident memory of the largest trainer process, and the trainer's
+overhead over the bare loop (1 - trainer / bare, one process). Both are measured in the same
+run, one after the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _trainer(arch: str, nproc: int, steps: int, seq_len: int, mbs: int, tok_cache: str,
+             run_dir: Path) -> dict:
+    overrides = [f"model={arch}_demo", f"train.max_steps={steps}", f"train.seq_len={seq_len}",
+                 f"train.micro_batch_size={mbs}", "train.eval_every=0", f"train.save_every={steps}",
+                 "train.sample_tokens=0", "train.progress=false", "data.val_batches=1",
+                 f"data.tokenizer.cache_dir={tok_cache}", "wandb=disabled", f"hydra.run.dir={run_dir}"]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "newtonlm.training.train", *overrides]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               str(nproc), "-m", "newtonlm.training.train", *overrides]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if nproc > 1:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // nproc))
+    t0 = time.perf_counter()
+    out = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd] if Path("/usr/bin/time").exists()
+                         else cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"trainer failed ({arch}, {nproc} proc):\n{out.stderr[-3000:]}")
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r["kind"] == "train"][3:]  # skip warm-up steps
+    peak_kb = out.stderr.strip().splitlines()[-1] if Path("/usr/bin/time").exists() else ""
+    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in train),
+            "mfu": statistics.median(r["mfu"] for r in train if r["mfu"] is not None),
+            "peak_rss_mb": int(peak_kb) / 1024 if peak_kb.isdigit() else None,
+            "wall_s": time.perf_counter() - t0}
+
+
+def _bare_loop(arch: str, steps: int, seq_len: int, mbs: int, vocab: int) -> float:
+    """tokens/s of forward + backward + AdamW step on random tokens (median after warm-up)."""
+    from ..models import build_model, load_preset
+
+    torch.manual_seed(0)
+    model = build_model(load_preset(f"{arch}_demo"), vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    times = []
+    for _ in range(steps):
+        ids = torch.randint(0, vocab, (mbs, seq_len + 1))
+        t0 = time.perf_counter()
+        logits = model(input_ids=ids[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, vocab), ids[:, 1:].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return mbs * seq_len / statistics.median(times[3:])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--archs", default="paragru,paralstm,llama,mamba2")
+    ap.add_argument("--nproc", default="1,2")
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--micro-batch-size", type=int, default=8)
+    args = ap.parse_args(argv)
+    from ..data import get_or_train_tokenizer, load_data_config, vocab_size_for_model
+
+    tok_cache = str(REPO / ".cache" / "newtonlm" / "tokenizers")
+    data_cfg = load_data_config({"sources": {"shakespeare": {"kind": "shakespeare"}},
+                                 "tokenizer": {"cache_dir": tok_cache}})
+    vocab = vocab_size_for_model(get_or_train_tokenizer(data_cfg))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in args.archs.split(","):
+            bare = _bare_loop(arch, args.steps, args.seq_len, args.micro_batch_size, vocab)
+            for nproc in (int(n) for n in args.nproc.split(",")):
+                r = _trainer(arch, nproc, args.steps, args.seq_len, args.micro_batch_size, tok_cache,
+                             Path(tmp) / f"{arch}-{nproc}")
+                row = {"arch": arch, "nproc": nproc, **r}
+                if nproc == 1:
+                    row["bare_tokens_per_s"] = bare
+                    row["trainer_overhead"] = 1 - r["tokens_per_s"] / bare
+                rows.append(row)
+                if not args.json:
+                    print(_fmt(row), flush=True)
+    result = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                          "torch": torch.__version__, "threads": torch.get_num_threads()},
+              "seq_len": args.seq_len, "micro_batch_size": args.micro_batch_size, "rows": rows}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return result
+
+
+def _fmt(r: dict) -> str:
+    bare = (f" bare loop {r['bare_tokens_per_s']:8.0f} tok/s, trainer overhead "
+            f"{100 * r['trainer_overhead']:5.1f}%") if "bare_tokens_per_s" in r else ""
+    return (f"{r['arch']:9} {r['nproc']} proc: {r['tokens_per_s']:8.0f} tok/s, MFU "
+            f"{100 * r['mfu']:5.2f}%{bare}")
+
+
+if __name__ == "__main__":
+    main()
