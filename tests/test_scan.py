@@ -101,3 +101,20 @@ def test_cpu_backend_rejects_what_it_cannot_run():
     J, r, _ = problem("diag", 1, 3, 2, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="backend='cpu' needs fp32/fp64"):
         linear_scan(J, r, backend="cpu")
+
+
+def test_without_triton_auto_falls_back_to_pytorch_paths(monkeypatch):
+    import importlib.util
+
+    from newtonlm.kernels import GRU, scan
+    from newtonlm.kernels.function import resolve_mode
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "triton" else real(name, *a))
+    cuda = torch.device("cuda")
+    assert not scan.triton_usable(cuda)
+    assert scan.default_backend(cuda) == "doubling"
+    assert resolve_mode("auto", GRU, cuda) == "parallel"
+    with pytest.raises(ValueError, match="needs the triton package"):
+        resolve_mode("fused", GRU, cuda)

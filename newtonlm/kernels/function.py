@@ -18,7 +18,8 @@ Modes:
   "fused"      the whole Newton routine and the adjoint in one Triton kernel each (GRU/LSTM only);
   "auto"       the fastest measured path for the device (docs/benchmarks.md): CPU -> "sequential"
                for the built-in cells (the C loop beats a Newton forward on a few cores) and
-               "parallel" for custom cells; CUDA -> "fused" for built-in cells, "triton" otherwise.
+               "parallel" for custom cells; CUDA -> "fused" for built-in cells, "triton" otherwise
+               ("parallel" when triton is not installed).
 """
 
 from __future__ import annotations
@@ -42,11 +43,13 @@ def resolve_mode(mode: str, cell: Cell, device: torch.device) -> str:
         raise ValueError(f"mode={mode!r}; expected one of {MODES}")
     if mode == "auto":
         if device.type == "cuda":
+            if not triton_usable(device):
+                return "parallel"
             return "fused" if _is_builtin(cell) else "triton"
         return "sequential" if _is_builtin(cell) else "parallel"
     if mode in ("triton", "fused") and not triton_usable(device):
-        raise ValueError(f"mode={mode!r} needs CUDA tensors (got {device}) or TRITON_INTERPRET=1 "
-                         "set before newtonlm is imported; use mode='auto' on CPU")
+        raise ValueError(f"mode={mode!r} needs the triton package and CUDA tensors (got {device}) "
+                         "or TRITON_INTERPRET=1 set before newtonlm is imported; use mode='auto'")
     if mode == "fused" and not _is_builtin(cell):
         raise ValueError(f"mode='fused' exists for the built-in GRU/LSTM cells only, not for "
                          f"{type(cell).__name__}; use mode='triton' or 'parallel'")
@@ -58,7 +61,7 @@ def _backward_scan_backend(mode: str, device: torch.device) -> str:
         return "triton"
     if device.type == "cpu":
         return "cpu" if cpu_ext.available() else "torch"
-    return "triton" if mode == "sequential" else "doubling"
+    return "triton" if mode == "sequential" and triton_usable(device) else "doubling"
 
 
 def adjoint_backward(cell, u, params, h0, h, grad_h, scan_backend: str):

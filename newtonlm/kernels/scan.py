@@ -21,6 +21,7 @@ Backends (measured choices are in docs/benchmarks.md):
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -32,7 +33,10 @@ BACKENDS = ("auto", "reference", "cpu", "torch", "doubling", "triton")
 
 
 def triton_usable(device: torch.device) -> bool:
-    """Triton kernels run on CUDA devices, or on CPU tensors under the Triton interpreter."""
+    """Triton kernels run on CUDA devices, or on CPU tensors under the Triton interpreter, and
+    only where the triton package is installed."""
+    if importlib.util.find_spec("triton") is None:
+        return False
     if device.type == "cuda":
         return True
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -41,7 +45,7 @@ def triton_usable(device: torch.device) -> bool:
 def default_backend(device: torch.device) -> str:
     if device.type == "cpu":
         return "cpu" if cpu_ext.available() else "torch"
-    return "triton"
+    return "triton" if triton_usable(device) else "doubling"
 
 
 def _check(J, r, h0, structure):
@@ -141,8 +145,8 @@ def linear_scan(J: torch.Tensor, r: torch.Tensor, h0: torch.Tensor | None = None
     if backend == "doubling":
         return _scan_doubling(J, r, h0, reverse, structure)
     if not triton_usable(r.device):
-        raise ValueError(f"backend='triton' needs CUDA tensors (got {r.device}) or "
-                         "TRITON_INTERPRET=1 set before newtonlm is imported")
+        raise ValueError(f"backend='triton' needs the triton package and CUDA tensors (got "
+                         f"{r.device}) or TRITON_INTERPRET=1 set before newtonlm is imported")
     from . import triton_scan
 
     fn = triton_scan.triton_scan_diag if structure == DIAG else triton_scan.triton_scan_block2

@@ -1,0 +1,179 @@
+"""The export's input: a training checkpoint, located, validated and consolidated to one fp32 state dict.
+
+``read_checkpoint(path, step=None)`` accepts a run directory (``<run>/checkpoints/step_XXXXXXXX``
+folders written by ``newtonlm.training.train``) or one of its checkpoint folders, picks the newest
+complete checkpoint (or the one of ``step``), reads its client state (step, tokens seen, resolved
+config) and consolidates the weights:
+
+* ZeRO stage 0: the DeepSpeed model-states file already holds the full module state dict;
+* ZeRO stages 1-3 (any world size): DeepSpeed's own ``zero_to_fp32`` merges the fp32 master weights
+  of every rank's ``*_optim_states.pt`` shard (tied weights come back as DeepSpeed's shared params).
+
+Every problem a user can meet (no such run, no complete checkpoint, a partial one with files missing,
+an unreadable/truncated file, NaN weights) raises :class:`ExportError` naming the path and what was
+expected. The checkpoint files are pickles (DeepSpeed's format): read only checkpoints you trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import MARKER, Checkpoints, tag_for
+
+CLIENT_KEYS = ("step", "tokens_seen", "config")
+
+
+class ExportError(ValueError):
+    """A problem with the checkpoint or the output folder that the user can fix; the message says how."""
+
+
+@dataclass
+class Checkpoint:
+    """One training checkpoint, consolidated. ``config`` is the resolved training config saved in it
+    (``model``, ``data``, ``train`` ...); ``state_dict`` maps parameter names to fp32 CPU tensors."""
+
+    run_dir: Path
+    tag: str
+    step: int
+    tokens_seen: int
+    zero_stage: int
+    world_size: int
+    config: dict
+    state_dict: dict[str, torch.Tensor] = field(repr=False)
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir / "checkpoints" / self.tag
+
+    @property
+    def arch(self) -> str:
+        return self.config["model"]["arch"]
+
+
+def _steps(tags: list[tuple[int, str]]) -> str:
+    return ", ".join(str(s) for s, _ in tags) or "none"
+
+
+def locate(path: str | Path, step: int | None = None) -> tuple[Path, str]:
+    """(run directory, checkpoint tag) of the checkpoint to export; the newest complete one unless
+    ``step`` (or a ``checkpoints/step_XXXXXXXX`` folder as ``path``) chooses one."""
+    path = Path(path)
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+        raise ExportError(f"step={step!r}; expected an integer >= 0 (a checkpoint's optimizer step)")
+    if not path.is_dir():
+        raise ExportError(f"checkpoint path {path} does not exist or is not a directory; expected a run "
+                          "directory of newtonlm.training.train (with checkpoints/ inside) or one of its "
+                          "checkpoints/step_XXXXXXXX folders")
+    if path.name == "checkpoints" and not (path / "checkpoints").is_dir():
+        path = path.parent  # the checkpoints/ folder itself: its run directory
+    if path.parent.name == "checkpoints" and path.name.startswith("step_"):
+        run_dir, chosen = path.parent.parent, path.name
+        if step is not None and tag_for(step) != chosen:
+            raise ExportError(f"--step {step} contradicts the checkpoint folder {path}; pass one of them")
+    else:
+        run_dir, chosen = path, None if step is None else tag_for(step)
+    ckpts = Checkpoints(run_dir / "checkpoints", keep_last=1, is_main=False)
+    if not ckpts.root.is_dir():
+        raise ExportError(f"{run_dir} has no checkpoints/ folder; expected a run directory written by "
+                          "newtonlm.training.train")
+    complete = ckpts.complete()
+    if chosen is None:
+        if not complete:
+            found = sorted(p.name for p in ckpts.root.glob("step_*") if p.is_dir())
+            detail = (f"only incomplete ones (no {MARKER} marker: the save did not finish): {found}"
+                      if found else "none at all")
+            raise ExportError(f"no complete checkpoint in {ckpts.root} ({detail})")
+        return run_dir, complete[-1][1]
+    if not (ckpts.root / chosen).is_dir():
+        raise ExportError(f"no checkpoint {chosen} in {ckpts.root}; complete checkpoints are at steps "
+                          f"{_steps(complete)}")
+    if not (ckpts.root / chosen / MARKER).is_file():
+        raise ExportError(f"checkpoint {ckpts.root / chosen} is partial (no {MARKER} marker: the save did "
+                          f"not finish); complete checkpoints are at steps {_steps(complete)}")
+    return run_dir, chosen
+
+
+def _torch_load(file: Path, mmap: bool = False):
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False, mmap=mmap)
+    except Exception as err:  # truncated zip, bad pickle, EOF ...: all mean "this file is damaged"
+        raise ExportError(f"cannot read {file}: {type(err).__name__}: {err}; the checkpoint file is "
+                          "corrupt or truncated (export another step with --step)") from err
+
+
+def _model_state_files(zero_stage: int, world_size: int) -> list[str]:
+    if zero_stage == 3:
+        return [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world_size)]
+    return ["mp_rank_00_model_states.pt"]
+
+
+def _optim_files(tag_dir: Path) -> list[Path]:
+    return sorted(tag_dir.glob("*_optim_states.pt"))
+
+
+def _read_client_state(tag_dir: Path) -> dict:
+    candidates = [tag_dir / name for name in
+                  ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")]
+    file = next((f for f in candidates if f.is_file()), None)
+    if file is None:
+        raise ExportError(f"checkpoint {tag_dir} has no DeepSpeed model-states file (expected one of "
+                          f"{[f.name for f in candidates]}); the checkpoint is partial")
+    state = _torch_load(file, mmap=True)  # weights stay on disk until used (large models)
+    missing = [k for k in (*CLIENT_KEYS, "module") if k not in state]
+    if missing or not isinstance(state.get("config"), dict) or "model" not in state["config"]:
+        raise ExportError(f"{file} lacks {missing or ['config.model']}; expected a checkpoint written by "
+                          "newtonlm.training.train (its client state holds step, tokens_seen and config)")
+    return state
+
+
+def _zero_state_dict(ckpt_root: Path, tag: str) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:  # DeepSpeed reports its progress on stdout; keep stdout for the export's own summary
+        with contextlib.redirect_stdout(sys.stderr):
+            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root), tag=tag)
+    except Exception as err:  # DeepSpeed raises ValueError, FileNotFoundError, KeyError ...
+        raise ExportError(f"DeepSpeed could not consolidate the ZeRO shards of {ckpt_root / tag}: "
+                          f"{type(err).__name__}: {err}; the checkpoint is partial or corrupt") from err
+
+
+def consolidate(tag_dir: Path, state: dict) -> tuple[dict[str, torch.Tensor], int, int]:
+    """(fp32 state dict, ZeRO stage, world size) of a checkpoint whose model-states dict is ``state``."""
+    zero_stage = int(state.get("ds_config", {}).get("zero_optimization", {}).get(
+        "stage", state["config"].get("train", {}).get("zero_stage", 0)))
+    world_size = int(state.get("world_size") or state.get("dp_world_size") or 1)
+    missing = [f for f in _model_state_files(zero_stage, world_size) if not (tag_dir / f).is_file()]
+    optim = _optim_files(tag_dir)
+    if zero_stage > 0 and len(optim) != world_size:
+        missing.append(f"{world_size} *_optim_states.pt shards (found {len(optim)})")
+    if missing:
+        raise ExportError(f"checkpoint {tag_dir} (ZeRO stage {zero_stage}, world size {world_size}) is "
+                          f"partial: missing {missing}")
+    if optim:  # fp32 master weights live in the optimizer shards (ZeRO 1-3, or bf16 weights)
+        for f in optim:  # a damaged shard gives a clear error before DeepSpeed's own parsing
+            _torch_load(f, mmap=True)
+        sd = _zero_state_dict(tag_dir.parent, tag_dir.name)
+    else:
+        sd = state["module"]
+    sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+    for name, t in sd.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ExportError(f"checkpoint {tag_dir}: parameter {name} holds non-finite values (NaN or "
+                              "Inf); export an earlier step with --step")
+    return sd, zero_stage, world_size
+
+
+def read_checkpoint(path: str | Path, step: int | None = None) -> Checkpoint:
+    """Locate (see :func:`locate`), validate and consolidate a training checkpoint."""
+    run_dir, tag = locate(path, step)
+    tag_dir = run_dir / "checkpoints" / tag
+    state = _read_client_state(tag_dir)
+    sd, zero_stage, world_size = consolidate(tag_dir, state)
+    return Checkpoint(run_dir=run_dir, tag=tag, step=int(state["step"]),
+                      tokens_seen=int(state["tokens_seen"]), zero_stage=zero_stage, world_size=world_size,
+                      config=state["config"], state_dict=sd)
