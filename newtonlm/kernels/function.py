@@ -17,9 +17,9 @@ Modes:
   "triton"     Newton in PyTorch, linear solves by the Triton scan kernels;
   "fused"      the whole Newton routine and the adjoint in one Triton kernel each (GRU/LSTM only);
   "auto"       the fastest measured path for the device (docs/benchmarks.md): CPU -> "sequential"
-               for the built-in cells (the C loop beats a Newton forward on a few cores) and
-               "parallel" for custom cells; CUDA -> "fused" for built-in cells, "triton" otherwise
-               ("parallel" when triton is not installed).
+               (on a few cores a Newton forward does ~4x the work of one pass and loses, for the
+               compiled GRU/LSTM loops and for custom cells' PyTorch loops alike); CUDA -> "fused"
+               for built-in cells, "triton" otherwise ("parallel" when triton is not installed).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def resolve_mode(mode: str, cell: Cell, device: torch.device) -> str:
             if not triton_usable(device):
                 return "parallel"
             return "fused" if _is_builtin(cell) else "triton"
-        return "sequential" if _is_builtin(cell) else "parallel"
+        return "sequential"
     if mode in ("triton", "fused") and not triton_usable(device):
         raise ValueError(f"mode={mode!r} needs the triton package and CUDA tensors (got {device}) "
                          "or TRITON_INTERPRET=1 set before newtonlm is imported; use mode='auto'")
