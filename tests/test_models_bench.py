@@ -2,11 +2,20 @@
 
 import json
 
+import pytest
 import torch
 
 from newtonlm.models import ARCHS, count_parameters
 from newtonlm.models.bench import SIZE_10M, bench_preset, main
 from newtonlm.models.factory import build_model
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """``--threads`` sets the process's torch threads; give the other tests theirs back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 def test_bench_prints_json_rows_with_ratios_to_llama(capsys):

@@ -238,3 +238,15 @@ def test_bf16_weights_and_autocast_train(arch):
     loss.backward()
     assert loss.dtype == torch.float32 and abs(loss.item() - ref) < 0.05
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    model = _model("paralstm").train()
+    ids = torch.randint(0, VOCAB, (2, 16))
+    model(ids, labels=ids).loss.backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    model(ids, labels=ids).loss.backward()
+    for g, p in zip(plain, model.parameters()):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
