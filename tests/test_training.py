@@ -167,3 +167,17 @@ def test_bad_override_is_a_clear_error(override, message):
             cfg = compose("train", overrides=[override])
             validate(*load_settings(cfg), 1)
             build_model(cfg.model, 512)
+
+
+def test_bf16_autocast_activation_checkpointing_and_zero1(tmp_path, tok_cache):
+    run = tmp_path / "run"
+    train(run, "train.max_steps=3", "train.precision=bf16", "train.activation_checkpointing=true",
+          "train.zero_stage=1", "train.eval_every=0", tok_cache=tok_cache)
+    recs = records(run)
+    assert len(recs) == 3 and all(r["loss"] is not None and not r["skipped"] for r in recs)
+    assert recs[-1]["loss"] < recs[0]["loss"]
+    import torch
+
+    states = torch.load(run / "checkpoints" / "step_00000003" / "mp_rank_00_model_states.pt",
+                        map_location="cpu", weights_only=False)
+    assert all(t.dtype == torch.float32 for t in states["module"].values())  # fp32 weights kept
