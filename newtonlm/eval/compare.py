@@ -1,0 +1,222 @@
+"""Scaling comparison: train and evaluate every architecture at several sizes on the same data and
+token budget, then write a markdown table and PNG plots.
+
+    python -m newtonlm.eval.compare                      # scale=cpu: the CPU-sized default
+    python -m newtonlm.eval.compare scale=cluster        # the same with cluster presets
+    python -m newtonlm.eval.compare scale=smoke name=x   # a few steps (the test)
+
+For each architecture x size the trainer runs as a subprocess (``launcher`` + Hydra overrides: the
+size's preset and model overrides, then the shared ``train`` overrides, run directory
+``<runs_dir>/<arch>_<size>``); a run whose metrics already hold the final validation is not
+retrained (``rerun=true`` retrains), an interrupted one resumes. Each trained model is then
+evaluated with the perplexity command's code on its held-out split twice: in sequences of the
+training length (perplexity, bits per byte) and of ``eval_factor`` times it (the per-position
+curve). Outputs in ``out_dir``: ``results.md`` (table, command, machine), ``results.json`` and the
+figures of ``plots``. Configs: ``configs/eval/compare.yaml`` and ``configs/eval/scale/*.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from . import plots
+from .perplexity import run as perplexity
+from .sizes import SizeConfig, override_list
+
+REPO = Path(__file__).resolve().parents[2]
+ARCHS = ("paragru", "paralstm", "llama", "mamba2")
+
+
+@dataclass
+class CompareConfig:
+    """``name``: labels the results (``docs/results/<name>``); ``archs``; ``sizes``: label ->
+    SizeConfig (in order: smallest first); ``train``: trainer overrides shared by every run (data,
+    token budget, schedule...); ``launcher``: command prefix of the trainer (empty: this Python,
+    ``-m newtonlm.training.train``); ``threads``: OMP_NUM_THREADS for the runs and the evaluation (0:
+    unset); ``eval_factor``: long-evaluation length / training length; ``eval_max_tokens``: cap on
+    the held-out targets (0: the whole split); ``eval_data``: data overrides of the evaluation
+    (empty: each run's own held-out split); ``rerun``: retrain finished runs."""
+
+    name: str = "cpu"
+    archs: list[str] = field(default_factory=lambda: list(ARCHS))
+    sizes: dict[str, SizeConfig] = field(default_factory=dict)
+    train: list[str] = field(default_factory=list)
+    launcher: list[str] = field(default_factory=list)
+    runs_dir: str = "runs/compare/${name}"
+    out_dir: str = "docs/results/${name}"
+    threads: int = 1
+    eval_factor: float = 4.0
+    eval_batch_size: int = 8
+    eval_max_tokens: int = 0
+    eval_data: list[str] = field(default_factory=list)
+    rerun: bool = False
+
+
+ConfigStore.instance().store(name="compare_schema", node=CompareConfig)
+
+
+def run_overrides(cfg: CompareConfig, arch: str, size: str, run_dir: Path) -> list[str]:
+    """The trainer's Hydra overrides for one run."""
+    spec = cfg.sizes[size]
+    model = [f"model.{o}" for o in override_list(spec, arch)]
+    return [f"model={arch}_{spec.preset}", *model, *cfg.train, f"hydra.run.dir={run_dir}"]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def finished(run_dir: Path) -> bool:
+    return any(r.get("kind") == "val" and r.get("final") for r in read_metrics(run_dir))
+
+
+def train_run(cfg: CompareConfig, arch: str, size: str, run_dir: Path, env: dict) -> float:
+    """Run the trainer for one (arch, size), output to ``run_dir/train.log``; returns seconds.
+    With ``rerun`` an existing run starts over, else it resumes."""
+    launcher = list(cfg.launcher) or [sys.executable, "-m", "newtonlm.training.train"]
+    fresh = ["train.resume=none", "train.overwrite=true"] if cfg.rerun else []
+    cmd = [*launcher, *run_overrides(cfg, arch, size, run_dir), *fresh]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"[compare] {arch} {size}: {shlex.join(cmd)}", flush=True)
+    t0 = time.perf_counter()
+    with open(run_dir / "train.log", "w") as log:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = (run_dir / "train.log").read_text()[-3000:]
+        raise RuntimeError(f"training {arch} {size} failed (exit {proc.returncode}); log "
+                           f"{run_dir / 'train.log'}:\n{tail}")
+    return time.perf_counter() - t0
+
+
+def summarize(arch: str, size: str, run_dir: Path, short: dict, long: dict,
+              train_seconds: float | None) -> dict:
+    """One row: parameters, tokens, throughput and the validation curve from the run's metrics,
+    plus the two perplexity evaluations."""
+    import newtonlm.models as nm
+    from newtonlm.eval.loading import load_run
+
+    model = load_run(run_dir)[0]
+    recs = read_metrics(run_dir)
+    train = [r for r in recs if r.get("kind") == "train"]
+    val = [r for r in recs if r.get("kind") == "val"]
+    speeds = [r["tokens_per_s"] for r in train[2:] or train if r.get("tokens_per_s")]
+    return {
+        "arch": arch, "size": size, "run_dir": str(run_dir), "parameters": nm.count_parameters(model),
+        "tokens": train[-1]["tokens_seen"] if train else 0,
+        "steps": train[-1]["step"] if train else 0,
+        "train_tokens_per_s": statistics.median(speeds) if speeds else None,
+        "train_seconds": train_seconds,
+        # one point per step (the final validation repeats the last periodic one)
+        "val_curve": sorted({r["tokens_seen"]: r["val_loss"] for r in val}.items()),
+        "final_val_loss": val[-1]["val_loss"] if val else None,
+        "eval": {k: v for k, v in short.items() if not k.startswith("position_")},
+        "long": {k: v for k, v in long.items() if not k.startswith("position_")},
+    }
+
+
+def _fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def markdown(rows: list[dict], cfg: CompareConfig, command: str, machine: str, seconds: float) -> str:
+    T = rows[0]["eval"]["context"] if rows else 0
+    L = rows[0]["long"]["eval_len"] if rows else 0
+    lines = [
+        f"# Scaling comparison `{cfg.name}`", "",
+        "Produced by (from the repository root):", "", "```bash", command, "```", "",
+        f"Machine: {machine}. This invocation took {seconds / 60:.1f} min (training included for the runs "
+        "it trained).", "",
+        f"Every run: the same data and token budget (trainer overrides `{' '.join(cfg.train)}`). "
+        f"Perplexity and bits per byte: `newtonlm.eval.perplexity` on each run's held-out split in "
+        f"sequences of the training length T = {T}; the last two columns: the same text in sequences "
+        f"of {L} tokens, positions below T and from T on (recurrent models carry their state, "
+        f"attention uses a sliding window of T). Tokens/s: median training throughput.", "",
+        "| arch | size | parameters | non-embedding | tokens | val ppl | bits/byte | "
+        f"ppl pos < {T} | ppl pos {T}-{L - 1} | train tokens/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        e, lg = r["eval"], r["long"]
+        lines.append(
+            f"| {r['arch']} | {r['size']} | {r['parameters']['total']:,} | "
+            f"{r['parameters']['non_embedding']:,} | {r['tokens']:,} | {e['ppl']:.2f} | "
+            f"{e['bits_per_byte']:.4f} | {_fmt(lg['in_context']['ppl'], '.2f')} | "
+            f"{_fmt(lg['beyond_context']['ppl'], '.2f')} | {_fmt(r['train_tokens_per_s'], ',.0f')} |")
+    lines += ["", "![validation loss against tokens](val_loss_vs_tokens.png)", "",
+              "![perplexity against parameters](ppl_vs_params.png)", "",
+              "![perplexity against position](ppl_vs_position.png)", ""]
+    return "\n".join(lines)
+
+
+def machine_description(threads: int, load_at_start: float) -> str:
+    """Devices, threads, versions, and the 1-minute load average at the start and the end (other
+    jobs on the same cores slow the runs down and make the throughput column noisy)."""
+    if torch.cuda.is_available():
+        dev = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    else:
+        dev = f"CPU only, {os.cpu_count()} cores, {platform.processor() or platform.machine()}"
+    return (f"{dev}; {threads or 'default'} thread(s) per process; torch {torch.__version__}, "
+            f"Python {platform.python_version()}; load average {load_at_start:.1f} at the start, "
+            f"{os.getloadavg()[0]:.1f} at the end")
+
+
+def compare(cfg: CompareConfig, command: str) -> list[dict]:
+    for arch in cfg.archs:
+        if arch not in ARCHS:
+            raise ValueError(f"archs contains {arch!r}; expected names from {ARCHS}")
+    if not cfg.sizes:
+        raise ValueError("sizes is empty; expected at least one size (label: {preset, overrides})")
+    if not cfg.eval_factor >= 1:
+        raise ValueError(f"eval_factor={cfg.eval_factor}; expected >= 1 (a multiple of the training length)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    if cfg.threads > 0:
+        env["OMP_NUM_THREADS"] = str(cfg.threads)
+        torch.set_num_threads(cfg.threads)
+    runs_dir, out_dir = REPO / cfg.runs_dir, REPO / cfg.out_dir
+    t0, load0, rows = time.perf_counter(), os.getloadavg()[0], []
+    for size in cfg.sizes:
+        for arch in cfg.archs:
+            run_dir = runs_dir / f"{arch}_{size}"
+            seconds = None
+            if cfg.rerun or not finished(run_dir):
+                seconds = train_run(cfg, arch, size, run_dir, env)
+            common = dict(overrides=cfg.eval_data, batch_size=cfg.eval_batch_size,
+                          max_tokens=cfg.eval_max_tokens or None)
+            short = perplexity(run_dir, eval_factor=1.0, **common)
+            long = perplexity(run_dir, eval_factor=cfg.eval_factor, **common)
+            (run_dir / "eval.json").write_text(json.dumps({"short": short, "long": long}))
+            rows.append(summarize(arch, size, run_dir, short, long, seconds))
+            print(f"[compare] {arch} {size}: val ppl {short['ppl']:.2f}, bits/byte "
+                  f"{short['bits_per_byte']:.4f}", flush=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots.write_all(rows, out_dir)
+    (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
+    md = markdown(rows, cfg, command, machine_description(cfg.threads, load0), time.perf_counter() - t0)
+    (out_dir / "results.md").write_text(md)
+    print(md)
+    return rows
+
+
+@hydra.main(config_path=str(REPO / "configs" / "eval"), config_name="compare", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    command = shlex.join(["python", "-m", "newtonlm.eval.compare", *sys.argv[1:]])
+    compare(OmegaConf.to_object(cfg), command)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""PNG figures of the evaluation commands (matplotlib, headless Agg backend).
+
+Scaling comparison: each function takes the comparison's rows (``compare.summarize`` output: one
+dict per run with ``arch``, ``size``, ``parameters``, ``val_curve`` [(tokens, val_loss)], ``eval``
+and ``long``, the
+perplexity results at the training length and at several times it) and writes one figure.
+Colours mark the architecture, line styles / markers the size. Synthetic suite:
+:func:`accuracy_vs_length`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLORS = {"paragru": "tab:blue", "paralstm": "tab:green", "llama": "tab:red", "mamba2": "tab:purple"}
+STYLES = ["-", "--", ":", "-."]
+MARKERS = ["o", "s", "^", "D"]
+
+
+def _style(rows: list[dict]):
+    sizes = list(dict.fromkeys(r["size"] for r in rows))
+    return lambda r: (COLORS.get(r["arch"], "black"), STYLES[sizes.index(r["size"]) % len(STYLES)],
+                      MARKERS[sizes.index(r["size"]) % len(MARKERS)])
+
+
+def val_loss_vs_tokens(rows: list[dict], path: Path) -> None:
+    """Validation loss (the trainer's periodic validation) against training tokens, one line a run."""
+    style = _style(rows)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        if r["val_curve"]:
+            color, ls, marker = style(r)
+            tokens, loss = zip(*r["val_curve"])
+            ax.plot(tokens, loss, ls, color=color, marker=marker, ms=3, label=f"{r['arch']} {r['size']}")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def ppl_vs_params(rows: list[dict], path: Path) -> None:
+    """Held-out perplexity at the training length against non-embedding parameters, one line an
+    architecture through its sizes."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for arch in dict.fromkeys(r["arch"] for r in rows):
+        pts = sorted((r["parameters"]["non_embedding"], r["eval"]["ppl"]) for r in rows if r["arch"] == arch)
+        ax.plot(*zip(*pts), "-o", color=COLORS.get(arch, "black"), label=arch)
+    ax.set_xscale("log")
+    ax.set_xlabel("non-embedding parameters")
+    ax.set_ylabel("held-out perplexity (sequences of the training length)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def ppl_vs_position(rows: list[dict], path: Path) -> None:
+    """Perplexity by position in sequences of several times the training length (binned curve of
+    the long evaluation, each bin at its geometric middle), with the training length marked."""
+    style = _style(rows)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    context = None
+    for r in rows:
+        color, ls, marker = style(r)
+        bins = [b for b in r["long"]["curve"] if b["tokens"]]
+        mids = [((b["start"] + 1) * b["end"]) ** 0.5 for b in bins]  # geometric middle, in context tokens
+        ax.plot(mids, [b["ppl"] for b in bins], ls, color=color, marker=marker, ms=3,
+                label=f"{r['arch']} {r['size']}")
+        context = r["long"]["context"]
+    if context:
+        ax.axvline(context, color="gray", lw=1)
+        ax.text(context, ax.get_ylim()[0], "training length ", ha="right", va="bottom", fontsize=8,
+                color="gray")
+    ax.set_xscale("log")
+    ax.set_xlabel("tokens of context (position in the sequence + 1)")
+    ax.set_ylabel("perplexity")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_all(rows: list[dict], out_dir: Path) -> list[Path]:
+    """The three figures into ``out_dir``; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = ("val_loss_vs_tokens.png", "ppl_vs_params.png", "ppl_vs_position.png")
+    paths = [out_dir / n for n in names]
+    for fn, p in zip((val_loss_vs_tokens, ppl_vs_params, ppl_vs_position), paths):
+        fn(rows, p)
+    return paths
+
+
+def accuracy_vs_length(rows: list[dict], max_train_len: int, path: Path) -> None:
+    """Synthetic suite: accuracy against evaluation length, one panel per task, one line per
+    architecture (rows: ``{task, arch, eval: [{length, acc}]}``), the longest training length marked."""
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    cols = min(2, len(tasks))
+    nrows = -(-len(tasks) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 3.6 * nrows), squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        for r in (r for r in rows if r["task"] == task):
+            lengths = [e["length"] for e in r["eval"]]
+            ax.plot(lengths, [e["acc"] for e in r["eval"]], "-o", ms=3, color=COLORS.get(r["arch"], "black"),
+                    label=r["arch"])
+        ax.axvline(max_train_len, color="gray", lw=1)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(task)
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

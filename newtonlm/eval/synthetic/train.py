@@ -1,0 +1,108 @@
+"""Train a small model on a synthetic task and measure its accuracy at any sequence length.
+
+Plain PyTorch in-process (these models have tens of thousands of parameters; the DeepSpeed
+pretraining job is not needed): AdamW, linear warmup then cosine decay to 10%, gradient clipping,
+cross-entropy on the scored positions only. Each step draws a fresh batch of one length, uniform in
+``[min_len, max_len]``, from :func:`tasks.batch_rng` (seed, task, step), so a run is reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from newtonlm.models import build_model
+
+from ..sizes import SizeConfig, model_fields
+from .tasks import IGNORE, TaskConfig, batch_rng, generate, min_length, vocab_size
+
+
+@dataclass
+class TrainSettings:
+    """``steps`` optimizer steps of ``batch_size`` sequences, lengths uniform in ``[min_len,
+    max_len]``; AdamW (``lr``, ``weight_decay``), ``warmup_steps`` then cosine to 0.1 x lr,
+    ``grad_clip`` (0: off)."""
+
+    steps: int = 1000
+    batch_size: int = 16
+    min_len: int = 8
+    max_len: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+
+
+def _scored_loss(model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean cross-entropy over scored positions, predictions [B, L])."""
+    logits = model(input_ids=x, use_cache=False).logits.float()
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE)
+    return loss, logits.argmax(-1)
+
+
+def train_model(task: str, task_cfg: TaskConfig, arch: str, size: SizeConfig, settings: TrainSettings,
+                seed: int = 0) -> tuple[torch.nn.Module, dict]:
+    """A model of ``arch`` (``size``) trained on ``task``; returns (model in eval mode, info with
+    ``parameters``, ``final_loss`` (mean of the last 20 steps), ``seconds``)."""
+    s = settings
+    if not min_length(task, task_cfg) <= s.min_len <= s.max_len:
+        raise ValueError(f"min_len={s.min_len}, max_len={s.max_len}; expected {min_length(task, task_cfg)} "
+                         f"<= min_len <= max_len for task {task!r}")
+    if s.steps < 1 or s.batch_size < 1:
+        raise ValueError(f"steps={s.steps}, batch_size={s.batch_size}; expected positive integers")
+    torch.manual_seed(seed)
+    model = build_model(model_fields(size, arch), vocab_size(task, task_cfg))
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.98), weight_decay=s.weight_decay)
+
+    def schedule(step: int) -> float:
+        if step < s.warmup_steps:
+            return (step + 1) / s.warmup_steps
+        progress = (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    model.train()
+    losses, t0 = [], time.perf_counter()
+    for step in range(s.steps):
+        rng = batch_rng(seed, task, 0, step)
+        length = int(rng.integers(s.min_len, s.max_len + 1))
+        x, y = (torch.from_numpy(a) for a in generate(task, task_cfg, s.batch_size, length, rng))
+        loss, _ = _scored_loss(model, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if s.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    model.eval()
+    tail = losses[-20:]
+    return model, {"parameters": sum(p.numel() for p in model.parameters()),
+                   "final_loss": sum(tail) / len(tail), "seconds": time.perf_counter() - t0}
+
+
+@torch.no_grad()
+def evaluate(model, task: str, task_cfg: TaskConfig, length: int, samples: int, seed: int = 0,
+             batch_size: int = 64) -> dict:
+    """Accuracy on ``samples`` fresh sequences of ``length`` (:func:`tasks.batch_rng` purpose 1):
+    ``acc`` over scored positions, ``seq_acc`` (every scored position of a sequence right),
+    ``last_acc`` (the last scored position: the whole-sequence answer for parity / modcount)."""
+    rng = batch_rng(seed, task, 1, length)
+    right = scored = seq_right = last_right = 0
+    for start in range(0, samples, batch_size):
+        n = min(batch_size, samples - start)
+        x, y = (torch.from_numpy(a) for a in generate(task, task_cfg, n, length, rng))
+        _, pred = _scored_loss(model, x, y)
+        mask = y != IGNORE
+        ok = (pred == y) & mask
+        right += int(ok.sum())
+        scored += int(mask.sum())
+        seq_right += int((ok | ~mask).all(dim=1).sum())
+        last = mask.shape[1] - 1 - mask.flip(1).long().argmax(dim=1)  # index of the last scored position
+        last_right += int(ok[torch.arange(n), last].sum())
+    return {"length": length, "acc": right / scored, "seq_acc": seq_right / samples,
+            "last_acc": last_right / samples, "samples": samples}

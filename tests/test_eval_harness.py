@@ -1,0 +1,107 @@
+"""lm-evaluation-harness on tiny models offline: the local held-out task, lm_eval's own `hf` model
+type on a saved folder, the in-process runner, and the context length lm_eval reads."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+
+from newtonlm.data import train_bpe_tokenizer, vocab_size_for_model  # noqa: E402
+from newtonlm.eval.harness import run_lm_eval, write_task  # noqa: E402
+from newtonlm.eval.loading import load_for_eval  # noqa: E402
+from newtonlm.models import build_model, load_preset  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tasks_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tasks")
+    assert write_task(out, ["data=shakespeare"], "val", max_docs=2) == "newtonlm_shakespeare_val"
+    return out
+
+
+@pytest.fixture(scope="module")
+def byte_llama(tmp_path_factory):
+    """A Llama with every weight zero (uniform next-token distribution over V = 320) and a
+    byte-level tokenizer without merges, saved as a Hugging Face folder."""
+    folder = tmp_path_factory.mktemp("hf_llama")
+    tok = train_bpe_tokenizer(["abc"], 259)
+    model = build_model({"arch": "llama", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                         "num_key_value_heads": 2, "intermediate_size": 64, "max_position_embeddings": 128},
+                        vocab_size_for_model(tok))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_written_task_holds_the_held_out_documents(tasks_dir):
+    from newtonlm.data import compose_data_config
+    from newtonlm.eval.corpus import split_documents
+
+    lines = (tasks_dir / "newtonlm_shakespeare_val.jsonl").read_text().splitlines()
+    expected = [t for _, t in zip(range(2), split_documents(compose_data_config([]), "val"))]
+    assert [json.loads(line)["text"] for line in lines] == expected
+    yaml = (tasks_dir / "newtonlm_shakespeare_val.yaml").read_text()
+    assert "output_type: loglikelihood_rolling" in yaml and str(tasks_dir.resolve()) in yaml
+
+
+def test_lm_eval_hf_model_type_on_a_saved_folder(tasks_dir, byte_llama):
+    """lm_eval's own loading (--model hf --model_args pretrained=PATH): finite numbers, and bits per
+    byte exactly log2(320) for the uniform model (every byte is one token of probability 1/320),
+    as the perplexity command computes it."""
+    out = run_lm_eval("hf", ["newtonlm_shakespeare_val"], tasks_dir,
+                      model_args=f"pretrained={byte_llama},trust_remote_code=True")
+    m = out["newtonlm_shakespeare_val"]
+    assert all(math.isfinite(v) for v in m.values()) and set(m) == {"word_perplexity", "byte_perplexity",
+                                                                    "bits_per_byte"}
+    assert m["bits_per_byte"] == pytest.approx(math.log2(320), rel=1e-6)
+    assert m["byte_perplexity"] == pytest.approx(320.0, rel=1e-5)
+
+
+def test_exported_paragru_under_lm_eval_hf_equals_the_in_process_runner(tasks_dir, tmp_path):
+    """A one-step DeepSpeed run of a tiny ParaGRU, exported by the export command: lm_eval's `hf`
+    model type with trust_remote_code gives finite numbers, equal to the in-process runner on the
+    run directory (same weights, same max_length)."""
+    from newtonlm.training.export import export_checkpoint
+
+    run = tmp_path / "run"
+    overrides = ["model=paragru_demo", "model.hidden_size=32", "model.num_hidden_layers=1",
+                 "model.intermediate_size=64", "model.num_heads=2", "model.max_position_embeddings=256",
+                 "train.seq_len=16", "train.micro_batch_size=2", "train.max_steps=1", "train.sample_tokens=0",
+                 "train.progress=false", "data.val_batches=1", "data.num_workers=0",
+                 "data.tokenizer.vocab_size=300", f"data.tokenizer.cache_dir={tmp_path / 'tok'}",
+                 "wandb=disabled", f"hydra.run.dir={run}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "newtonlm.training.train", *overrides], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    export_checkpoint(run, tmp_path / "hf")
+    task = "newtonlm_shakespeare_val"
+    hf = run_lm_eval("hf", [task], tasks_dir, limit=1,
+                     model_args=f"pretrained={tmp_path / 'hf'},trust_remote_code=True")[task]
+    assert set(hf) == {"word_perplexity", "byte_perplexity", "bits_per_byte"}
+    assert all(math.isfinite(v) and v > 0 for v in hf.values())
+    lm = load_for_eval(run, context=256)
+    assert lm.recurrent and lm.arch == "paragru"
+    ours = run_lm_eval(lm, [task], tasks_dir, limit=1)[task]
+    assert ours == pytest.approx(hf, rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["paragru", "paralstm", "llama", "mamba2"])
+def test_configs_expose_the_context_length_lm_eval_reads(arch):
+    from lm_eval.models.utils import resolve_max_length
+
+    with torch.device("meta"):
+        model = build_model(load_preset(f"{arch}_demo"), 512)
+    assert resolve_max_length(model.config, None, default=999) == 2048 == model.config.max_position_embeddings
