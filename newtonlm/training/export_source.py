@@ -1,6 +1,6 @@
 """The export's input: a training checkpoint, located, validated and consolidated to one fp32 state dict.
 
-``read_checkpoint(path, step=None)`` accepts a run directory (``<run>/checkpoints/step_XXXXXXXX``
+``read_checkpoint(path, step=None)`` accepts a run directory (``<run>/checkpoints/step_NNNNNNNN``
 folders written by ``newtonlm.training.train``) or one of its checkpoint folders, picks the newest
 complete checkpoint (or the one of ``step``), reads its client state (step, tokens seen, resolved
 config) and consolidates the weights:
@@ -61,14 +61,14 @@ def _steps(tags: list[tuple[int, str]]) -> str:
 
 def locate(path: str | Path, step: int | None = None) -> tuple[Path, str]:
     """(run directory, checkpoint tag) of the checkpoint to export; the newest complete one unless
-    ``step`` (or a ``checkpoints/step_XXXXXXXX`` folder as ``path``) chooses one."""
+    ``step`` (or a ``checkpoints/step_NNNNNNNN`` folder as ``path``) chooses one."""
     path = Path(path)
     if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
         raise ExportError(f"step={step!r}; expected an integer >= 0 (a checkpoint's optimizer step)")
     if not path.is_dir():
         raise ExportError(f"checkpoint path {path} does not exist or is not a directory; expected a run "
                           "directory of newtonlm.training.train (with checkpoints/ inside) or one of its "
-                          "checkpoints/step_XXXXXXXX folders")
+                          "checkpoints/step_NNNNNNNN folders")
     if path.name == "checkpoints" and not (path / "checkpoints").is_dir():
         path = path.parent  # the checkpoints/ folder itself: its run directory
     if path.parent.name == "checkpoints" and path.name.startswith("step_"):
