@@ -1,4 +1,11 @@
-"""Shared builders for the kernel tests: random problems whose recurrences are contracting."""
+"""Shared test helpers: random contracting problems for the kernel tests, and the training job
+run as a user runs it (a subprocess)."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -24,3 +31,29 @@ def state_ndim(cell):
 def zeros_state(cell, u):
     B, _, _, N = u.shape
     return u.new_zeros((B, N) if cell.structure == DIAG else (B, 2, N))
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_trainer(overrides, nproc=1, faults="", check=True, timeout=600):
+    """``python -m newtonlm.training.train *overrides`` (torchrun with ``nproc`` > 1) in a new process
+    group, killed as a whole on timeout. ``faults``: NEWTONLM_FAULTS (newtonlm/training/faults.py)."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "newtonlm.training.train", *overrides]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", str(nproc), "-m", "newtonlm.training.train", *overrides]
+    env = {**os.environ, "NEWTONLM_FAULTS": faults, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout} s\n{out[-3000:]}\n{err[-5000:]}") from None
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{out[-3000:]}\n{err[-5000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -3,13 +3,11 @@ type on a saved folder, the in-process runner, and the context length lm_eval re
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_trainer
 
 pytest.importorskip("lm_eval")
 
@@ -82,10 +80,7 @@ def test_exported_paragru_under_lm_eval_hf_equals_the_in_process_runner(tasks_di
                  "train.progress=false", "data.val_batches=1", "data.num_workers=0",
                  "data.tokenizer.vocab_size=300", f"data.tokenizer.cache_dir={tmp_path / 'tok'}",
                  "wandb=disabled", f"hydra.run.dir={run}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "newtonlm.training.train", *overrides], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_trainer(overrides, timeout=300)
     export_checkpoint(run, tmp_path / "hf")
     task = "newtonlm_shakespeare_val"
     hf = run_lm_eval("hf", [task], tasks_dir, limit=1,

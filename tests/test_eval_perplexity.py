@@ -4,14 +4,12 @@ probabilities are known exactly."""
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import run_trainer
 
 from newtonlm.data import train_bpe_tokenizer, vocab_size_for_model
 from newtonlm.eval.corpus import token_stream, windows
@@ -145,10 +143,7 @@ def test_command_on_a_training_run(tmp_path, capsys):
                  "train.progress=false", "data.val_batches=1", "data.num_workers=0",
                  "data.tokenizer.vocab_size=300", f"data.tokenizer.cache_dir={tmp_path / 'tok'}",
                  "wandb=disabled", f"hydra.run.dir={run}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "newtonlm.training.train", *overrides], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_trainer(overrides, timeout=300)
     main([str(run), "--json", "--max-tokens", "200", "--eval-factor", "2", "--out", str(tmp_path / "r.json")])
     r = json.loads(capsys.readouterr().out)
     assert r == json.loads((tmp_path / "r.json").read_text())

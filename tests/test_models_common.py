@@ -11,14 +11,7 @@ from newtonlm.models import ARCHS, build_model, load_preset
 VOCAB = 8192  # the demo tokenizer's size
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core machine an OpenMP
-    barrier waiting for a descheduled thread made steps ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(arch):

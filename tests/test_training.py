@@ -1,15 +1,12 @@
 """The training job end to end, in subprocesses (as users run it): DeepSpeed on CPU (gloo)."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO, run_trainer
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.hidden_size=32", "model.num_hidden_layers=2", "model.intermediate_size=64",
         "model.num_heads=2", "train.seq_len=32", "train.micro_batch_size=2", "train.eval_every=3",
         "train.log_every=1", "train.sample_tokens=0", "train.progress=false", "data.val_batches=2",
@@ -25,25 +22,7 @@ def train(run_dir, *overrides, nproc=1, faults="", tok_cache=None, check=True, t
     args = [*TINY, f"hydra.run.dir={run_dir}", *overrides]
     if tok_cache is not None:
         args.append(f"data.tokenizer.cache_dir={tok_cache}")
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "newtonlm.training.train", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", str(nproc), "-m", "newtonlm.training.train", *args]
-    env = {**os.environ, "NEWTONLM_FAULTS": faults, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank
-        out, err = proc.communicate()
-        raise AssertionError(f"timed out after {timeout} s\n{out[-3000:]}\n{err[-5000:]}") from None
-    proc = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
+    return run_trainer(args, nproc=nproc, faults=faults, check=check, timeout=timeout)
 
 
 def records(run_dir, kind="train"):
