@@ -36,18 +36,14 @@ def zeros_state(cell, u):
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_trainer(overrides, nproc=1, faults="", check=True, timeout=600):
-    """``python -m newtonlm.training.train *overrides`` (torchrun with ``nproc`` > 1) in a new process
-    group, killed as a whole on timeout. ``faults``: NEWTONLM_FAULTS (newtonlm/training/faults.py)."""
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "newtonlm.training.train", *overrides]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", str(nproc), "-m", "newtonlm.training.train", *overrides]
-    env = {**os.environ, "NEWTONLM_FAULTS": faults, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+def start_process(cmd, env=None, cwd=REPO) -> subprocess.Popen:
+    """Start ``cmd`` in a new process group (so that a timeout can kill it with its children)."""
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_process(proc: subprocess.Popen, timeout: float, check: bool = True):
+    """Wait for ``proc``; on timeout kill its whole group and fail. -> CompletedProcess."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -56,4 +52,19 @@ def run_trainer(overrides, nproc=1, faults="", check=True, timeout=600):
         raise AssertionError(f"timed out after {timeout} s\n{out[-3000:]}\n{err[-5000:]}") from None
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{out[-3000:]}\n{err[-5000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def start_trainer(overrides, nproc=1, faults="") -> subprocess.Popen:
+    """``python -m newtonlm.training.train *overrides`` (torchrun with ``nproc`` > 1), started.
+    ``faults``: NEWTONLM_FAULTS (newtonlm/training/faults.py)."""
+    launcher = ([] if nproc == 1 else
+                ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)])
+    env = {**os.environ, "NEWTONLM_FAULTS": faults, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("TRITON_INTERPRET", None)
+    return start_process([sys.executable, *launcher, "-m", "newtonlm.training.train", *overrides], env)
+
+
+def run_trainer(overrides, nproc=1, faults="", check=True, timeout=600):
+    """The training job as a user runs it, to completion. -> CompletedProcess."""
+    return wait_process(start_trainer(overrides, nproc, faults), timeout, check)

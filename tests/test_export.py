@@ -11,7 +11,6 @@ validation loss the trainer itself logged for the exported weights.
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import start_process, start_trainer, wait_process
 from safetensors.torch import load_file
 
 from newtonlm.training import export as ex
@@ -123,29 +123,10 @@ json.dump(summary, open(job["summary"], "w"))
 '''
 
 
-def _start(cmd, env, cwd) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def _wait(proc: subprocess.Popen, timeout: float) -> str:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank
-        out, err = proc.communicate()
-        raise AssertionError(f"timed out after {timeout} s\n{out[-3000:]}\n{err[-5000:]}") from None
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-3000:]}\n{err[-5000:]}"
-    return out
-
-
 def _start_training(run_dir, tok_cache, overrides, nproc) -> subprocess.Popen:
     args = [*COMMON, *overrides, f"hydra.run.dir={run_dir}", f"data.tokenizer.cache_dir={tok_cache}"]
-    launcher = ([] if nproc == 1 else
-                ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    env.pop("TRITON_INTERPRET", None)
-    return _start([sys.executable, *launcher, "-m", "newtonlm.training.train", *args], env, REPO)
+    return start_trainer(args, nproc)
+
 
 
 @pytest.fixture(scope="module")
@@ -153,10 +134,10 @@ def runs(tmp_path_factory):
     """The first run trains and caches the tokenizer; the other three then run side by side."""
     root, tok_cache = tmp_path_factory.mktemp("runs"), tmp_path_factory.mktemp("tokenizers")
     first, *rest = RUNS
-    _wait(_start_training(root / first, tok_cache, *RUNS[first]), timeout=600)
+    wait_process(_start_training(root / first, tok_cache, *RUNS[first]), timeout=600)
     procs = [_start_training(root / arch, tok_cache, *RUNS[arch]) for arch in rest]
     for proc in procs:
-        _wait(proc, timeout=600)
+        wait_process(proc, timeout=600)
     return {arch: root / arch for arch in RUNS}
 
 
@@ -257,7 +238,8 @@ def _isolated(tmp: Path, items: list[dict], interpreted: list[dict]) -> dict:
     (tmp / "job.json").write_text(json.dumps(job))
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp / "home"), "HF_HOME": str(tmp / "hf"),
            "HF_HUB_OFFLINE": "1", "NEWTONLM_CACHE": str(tmp / "newtonlm-cache"), "OMP_NUM_THREADS": "1"}
-    _wait(_start([sys.executable, "-I", str(tmp / "check.py"), str(tmp / "job.json")], env, tmp), timeout=300)
+    check = [sys.executable, "-I", str(tmp / "check.py"), str(tmp / "job.json")]
+    wait_process(start_process(check, env, tmp), timeout=300)
     summary = json.loads((tmp / "summary.json").read_text())
     summary["results"] = {it["name"]: torch.load(it["out"]) for it in items + interpreted}
     return summary
