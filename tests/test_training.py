@@ -5,7 +5,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from helpers import REPO, run_trainer
+from helpers import REPO, run_trainer, start_process, wait_process
 
 TINY = ["model.hidden_size=32", "model.num_hidden_layers=2", "model.intermediate_size=64",
         "model.num_heads=2", "train.seq_len=32", "train.micro_batch_size=2", "train.eval_every=3",
@@ -89,10 +89,42 @@ def test_kill_during_save_leaves_previous_checkpoint(tmp_path, tok_cache, refere
     assert losses(reference_run[0]) == losses(run)
 
 
-def test_resume_is_exact_two_processes_zero2(tmp_path, tok_cache):
+def launch_env(**extra) -> dict:
+    """Environment for the scripts in launch/: this interpreter, one thread per rank, a free port."""
+    import os
+    import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PY": sys.executable, "DS": str(Path(sys.executable).parent / "deepspeed"),
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MASTER_PORT": str(port), **extra}
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def start_launch(script, run_dir, *overrides, tok_cache, env):
+    """``bash launch/<script[0]> <script[1:]> <tiny settings> <overrides>``, started."""
+    args = [*TINY, f"data.tokenizer.cache_dir={tok_cache}", *overrides]
+    if run_dir is not None:  # (launch/slurm.sbatch sets it from RUN_DIR)
+        args.append(f"hydra.run.dir={run_dir}")
+    return start_process(["bash", f"launch/{script[0]}", *script[1:], *args], env)
+
+
+def launch(script, run_dir, *overrides, tok_cache, env, timeout=600):
+    """``start_launch`` run to the end -> CompletedProcess."""
+    return wait_process(start_launch(script, run_dir, *overrides, tok_cache=tok_cache, env=env), timeout)
+
+
+def test_resume_is_exact_two_processes_zero2_across_launchers(tmp_path, tok_cache):
+    """torchrun (launch/torchrun.sh) uninterrupted vs the deepspeed launcher (launch/
+    deepspeed_hostfile.sh local) preempted at step 3 and resumed under torchrun: same losses."""
     common = ["train.max_steps=4", "train.save_every=2", "train.zero_stage=2"]
-    train(tmp_path / "a", *common, nproc=2, tok_cache=tok_cache)
-    train(tmp_path / "b", *common, nproc=2, faults="sigterm@3", tok_cache=tok_cache)
+    launch(["torchrun.sh", "2"], tmp_path / "a", *common, tok_cache=tok_cache, env=launch_env())
+    ds = launch(["deepspeed_hostfile.sh", "local"], tmp_path / "b", *common, tok_cache=tok_cache,
+                env=launch_env(NEWTONLM_FAULTS="sigterm@3", GPUS_PER_NODE="2"))
+    assert "preempted (SIGTERM)" in ds.stdout
     train(tmp_path / "b", *common, nproc=2, tok_cache=tok_cache)
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert len(a) == 4 and a == b
@@ -160,3 +192,36 @@ def test_bf16_autocast_activation_checkpointing_and_zero1(tmp_path, tok_cache):
     states = torch.load(run / "checkpoints" / "step_00000003" / "mp_rank_00_model_states.pt",
                         map_location="cpu", weights_only=False)
     assert all(t.dtype == torch.float32 for t in states["module"].values())  # fp32 weights kept
+
+
+def test_slurm_template_preempts_requeues_and_resumes(tmp_path, tok_cache):
+    """launch/slurm.sbatch under test doubles of srun and scontrol (tests/fake_slurm): 2 tasks; a
+    SIGTERM to the batch shell reaches every rank through srun, they checkpoint and exit 0, and the
+    shell requeues the job; the requeued job resumes from that checkpoint."""
+    import os
+    import time
+
+    run, log = tmp_path / "run", tmp_path / "slurm.log"
+    env = launch_env(PATH=f"{REPO / 'tests' / 'fake_slurm'}:{os.environ['PATH']}", SLURM_JOB_ID="4242",
+                     SLURM_NTASKS="2", SLURM_JOB_NODELIST="node[1]", SLURM_SUBMIT_DIR=str(REPO),
+                     RUN_DIR=str(run), FAKE_SLURM_LOG=str(log))
+    job = start_launch(["slurm.sbatch"], None, "train.max_steps=100000", "train.eval_every=0",
+                       tok_cache=tok_cache, env=env)
+    deadline = time.monotonic() + 300
+    while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().strip()):
+        assert job.poll() is None and time.monotonic() < deadline, wait_process(job, 1, check=False)
+        time.sleep(0.2)
+    os.kill(job.pid, signal.SIGTERM)  # what --signal=B:TERM@180 does: the batch shell only
+    out = wait_process(job, 300)
+    assert "rendezvous 127.0.0.1:" in out.stderr and "requeueing job 4242" in out.stderr
+    assert log.read_text() == "scontrol requeue 4242\n"
+    step = int((run / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
+    assert 1 <= step < 100000 and records(run)[-1]["step"] == step
+    assert (run / "checkpoints" / f"step_{step:08d}" / "COMPLETE").is_file()
+    # the requeued job: same run dir, resumes, finishes two steps later, no requeue
+    again = launch(["slurm.sbatch"], None, f"train.max_steps={step + 2}", "train.eval_every=0",
+                   tok_cache=tok_cache, env=env)
+    assert f"resumed from step_{step:08d}" in again.stderr and "status: finished" in again.stdout
+    assert [r["step"] for r in records(run)][-2:] == [step + 1, step + 2]
+    assert records(run)[-1]["tokens_seen"] == (step + 2) * 2 * 2 * 32
+    assert log.read_text() == "scontrol requeue 4242\n"

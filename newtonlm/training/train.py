@@ -11,6 +11,7 @@ handling; finally a validation pass and a text sample. Details live in small hel
 from __future__ import annotations
 
 import math
+import os
 import random
 import signal
 import sys
@@ -40,7 +41,8 @@ _RESUME_KEYS = ("seq_len", "micro_batch_size", "grad_accum", "seed")
 
 
 class _StopRequest:
-    """SIGTERM / SIGINT set a flag; the loop checkpoints and exits at the next step boundary."""
+    """SIGTERM / SIGINT set a flag; the loop checkpoints and exits at the next step boundary. A
+    second signal ends the process at once (checkpoints stay safe: resume ignores partial ones)."""
 
     def __init__(self):
         self.signal = None
@@ -48,7 +50,13 @@ class _StopRequest:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if self.signal is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         self.signal = signal.Signals(signum).name
+        os.write(2, f"newtonlm: {self.signal} received: checkpointing at the next step boundary "
+                    "(send it again to exit now)\n".encode())  # no buffered I/O in a handler
 
 
 def _rng_state() -> dict:
@@ -86,6 +94,7 @@ def evaluate(engine, val_loader, device, vocab: int) -> dict:
     for batch in val_loader:
         loss, n = _token_loss_sum(engine, batch, device, vocab)
         total, count = total + loss.item(), count + n
+    nm.newton_stats(engine.module, reset=True)  # keep evaluation out of the training telemetry
     engine.train()
     total, count = all_reduce_sum([total, count], device)
     val_loss = total / max(count, 1)
@@ -122,6 +131,7 @@ def _check_resume_config(saved: dict, resolved: dict, world: int) -> None:
 
 def run(cfg: DictConfig) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    stop = _StopRequest()  # from here on a SIGTERM / SIGINT ends the run with a checkpoint
     train_cfg, wandb_cfg = load_settings(cfg)
     info = init_distributed(train_cfg.dist_timeout_s, shm_comm=train_cfg.deepspeed_shm_comm)
     rank, world, device, main = info.rank, info.world_size, info.device, info.is_main
@@ -200,7 +210,6 @@ def run(cfg: DictConfig) -> dict:
     flops_tok = nm.flops_per_token(cfg.model, vocab, train_cfg.seq_len)
     peak, peak_how = peak_flops(device, train_cfg.precision, train_cfg.peak_flops)
     progress = Progress(total_steps, step, main and train_cfg.progress)
-    stop = _StopRequest()
     if main:
         print(f"newtonlm: {cfg.model.arch} {n_params['total']:,} parameters "
               f"({n_params['non_embedding']:,} non-embedding), vocab {vocab}, world {world}, "
@@ -209,8 +218,8 @@ def run(cfg: DictConfig) -> dict:
 
     consecutive_skips, status, exit_code = 0, "finished", 0
     train_iter = iter(train_loader)
+    t0 = time.perf_counter()  # a step's time: from the end of the previous step's bookkeeping
     while step < total_steps:
-        t0 = time.perf_counter()
         micro = [next(train_iter) for _ in range(train_cfg.grad_accum)]
         n_local = sum(int((mb["labels"] != -100).sum()) for mb in micro)
         (n_global,) = all_reduce_sum([n_local], device)
@@ -231,18 +240,20 @@ def run(cfg: DictConfig) -> dict:
         consecutive_skips = consecutive_skips + 1 if skipped else 0
         skipped_total += int(skipped)
         tokens_seen += int(n_global)
-        dt = time.perf_counter() - t0
         grad_norm = getattr(optimizer, "last_grad_norm", None)
         if grad_norm is None:
             grad_norm = engine.get_global_grad_norm()
         record = {"kind": "train", "step": step, "loss": loss_total / n_global,
                   "lr": scheduler.get_last_lr()[0],
                   "grad_norm": None if grad_norm is None else float(grad_norm),
-                  "tokens_per_s": n_global / dt, "tokens_seen": tokens_seen,
-                  "mfu": flops_tok * n_global / dt / (peak * world) if peak > 0 else None,
-                  "skipped": skipped, "skipped_total": skipped_total}
-        record.update(nm.newton_stats(engine.module))
-        if step % train_cfg.log_every == 0 or step == total_steps:
+                  "tokens_seen": tokens_seen, "skipped": skipped, "skipped_total": skipped_total}
+        log_now = step % train_cfg.log_every == 0 or step == total_steps
+        if log_now:  # Newton telemetry over the steps since the last record
+            record.update(nm.newton_stats(engine.module, reset=True))
+        dt = time.perf_counter() - t0
+        record["tokens_per_s"] = n_global / dt
+        record["mfu"] = flops_tok * n_global / dt / (peak * world) if peak > 0 else None
+        if log_now:
             metrics.write(record)
             if wb is not None:
                 wb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
@@ -263,6 +274,7 @@ def run(cfg: DictConfig) -> dict:
                 wb.log(val, step=step)
         if step % train_cfg.save_every == 0 or step == total_steps:
             save(step)
+        t0 = time.perf_counter()
 
     result = {"status": status, "step": step, "tokens_seen": tokens_seen, "run_dir": str(run_dir),
               "parameters": n_params, "peak_flops": peak, "peak_flops_source": peak_how}
