@@ -225,3 +225,27 @@ def test_slurm_template_preempts_requeues_and_resumes(tmp_path, tok_cache):
     assert [r["step"] for r in records(run)][-2:] == [step + 1, step + 2]
     assert records(run)[-1]["tokens_seen"] == (step + 2) * 2 * 2 * 32
     assert log.read_text() == "scontrol requeue 4242\n"
+
+
+def _close_losses(a, b, rtol):
+    assert [s for s, _, _ in a] == [s for s, _, _ in b] and [t for *_, t in a] == [t for *_, t in b]
+    for (_, la, _), (_, lb, _) in zip(a, b):
+        assert abs(la - lb) <= rtol * abs(la), (a, b)
+
+
+def test_torch_compile_matches_eager(tmp_path, tok_cache, reference_run):
+    """train.compile=true (torch.compile through the DeepSpeed engine, inductor on CPU; the Newton
+    solver is a graph break): the same losses as the eager reference run, to float32 round-off."""
+    run = tmp_path / "run"
+    proc = train(run, *COMMON, "train.compile=true", tok_cache=tok_cache)
+    assert "DeepSpeed ZeRO-0, SkippingAdamW, fp32, torch.compile" in proc.stderr
+    _close_losses(losses(reference_run[0]), losses(run), 1e-5)
+
+
+def test_optimizer_offload_zero2_matches_zero0(tmp_path, tok_cache, reference_run):
+    """train.offload_optimizer=true with ZeRO-2: DeepSpeed's CPU Adam (compiled by DeepSpeed on
+    first use, then cached) gives the losses of the ZeRO-0 torch AdamW reference run."""
+    run = tmp_path / "run"
+    proc = train(run, *COMMON, "train.zero_stage=2", "train.offload_optimizer=true", tok_cache=tok_cache)
+    assert "DeepSpeed ZeRO-2, DeepSpeedCPUAdam (optimizer offloaded to CPU), fp32" in proc.stderr
+    _close_losses(losses(reference_run[0]), losses(run), 1e-5)

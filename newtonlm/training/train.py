@@ -169,6 +169,10 @@ def run(cfg: DictConfig) -> dict:
         config=deepspeed_config(train_cfg, world), dist_init_required=False)
     if train_cfg.compile:
         engine.compile()
+    base_opt = getattr(optimizer, "optimizer", optimizer)  # the ZeRO wrapper's inner optimizer
+    engine_desc = (f"DeepSpeed ZeRO-{engine.zero_optimization_stage()}, {type(base_opt).__name__}"
+                   + (" (optimizer offloaded to CPU)" if engine.zero_cpu_offload() else "")
+                   + f", {train_cfg.precision}" + (", torch.compile" if engine.is_compiled else ""))
     train_loader, val_loader = nd.build_dataloaders(
         data_cfg, tokenizer, train_cfg.seq_len, train_cfg.micro_batch_size, rank, world,
         train_cfg.seed, model_vocab_size=vocab)
@@ -213,7 +217,7 @@ def run(cfg: DictConfig) -> dict:
     if main:
         print(f"newtonlm: {cfg.model.arch} {n_params['total']:,} parameters "
               f"({n_params['non_embedding']:,} non-embedding), vocab {vocab}, world {world}, "
-              f"{tokens_per_step} tokens/step, {total_steps} steps, run dir {run_dir}"
+              f"{tokens_per_step} tokens/step, {total_steps} steps, {engine_desc}, run dir {run_dir}"
               + (f", resumed from {tag}" if tag else ""), file=sys.stderr, flush=True)
 
     consecutive_skips, status, exit_code = 0, "finished", 0
