@@ -249,3 +249,17 @@ def test_optimizer_offload_zero2_matches_zero0(tmp_path, tok_cache, reference_ru
     proc = train(run, *COMMON, "train.zero_stage=2", "train.offload_optimizer=true", tok_cache=tok_cache)
     assert "DeepSpeed ZeRO-2, DeepSpeedCPUAdam (optimizer offloaded to CPU), fp32" in proc.stderr
     _close_losses(losses(reference_run[0]), losses(run), 1e-5)
+
+
+def test_training_bench_summary_arithmetic():
+    """newtonlm.training.bench: overhead per back-to-back pair, medians over the rounds."""
+    from newtonlm.training.bench import summarize
+
+    trainer = [{"tokens_per_s": t, "mfu": m, "peak_rss_mb": r}
+               for t, m, r in ((90.0, 0.1, 500.0), (110.0, 0.3, 700.0), (99.0, 0.2, None))]
+    row = summarize("paragru", [100.0, 100.0, 90.0], trainer)
+    assert row["trainer_overhead_rounds"] == pytest.approx([0.1, -0.1, -0.1])
+    assert row["trainer_overhead"] == pytest.approx(-0.1)
+    assert (row["trainer_overhead_min"], row["trainer_overhead_max"]) == pytest.approx((-0.1, 0.1))
+    assert row["tokens_per_s"] == 99.0 and row["bare_tokens_per_s"] == 100.0 and row["mfu"] == 0.2
+    assert row["peak_rss_mb"] == 700.0 and row["rounds"] == 3
