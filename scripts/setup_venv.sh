@@ -13,7 +13,7 @@ if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt "$0" ]; 
 fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 pip=("$VENV/bin/python" -m pip)
-"${pip[@]}" install -q --upgrade pip
+"${pip[@]}" install -q --upgrade pip "setuptools>=77" wheel  # (the wheel test builds with these)
 if [ -n "${TORCH_SPEC:-}" ]; then
     "${pip[@]}" install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
 elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then

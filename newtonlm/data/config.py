@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..paths import CONFIG_DIR
 from .errors import DataError
 
 SOURCE_KINDS = ("shakespeare", "bible", "files", "hub")
 FORMATS = ("stream", "shards")
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 @dataclass

@@ -33,11 +33,12 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from ..paths import CONFIG_DIR
 from . import plots
 from .perplexity import run as perplexity
 from .sizes import SizeConfig, override_list
 
-REPO = Path(__file__).resolve().parents[2]
+SRC = Path(__file__).resolve().parents[2]  # the directory holding the newtonlm package
 ARCHS = ("paragru", "paralstm", "llama", "mamba2")
 
 
@@ -95,7 +96,7 @@ def train_run(cfg: CompareConfig, arch: str, size: str, run_dir: Path, env: dict
     print(f"[compare] {arch} {size}: {shlex.join(cmd)}", flush=True)
     t0 = time.perf_counter()
     with open(run_dir / "train.log", "w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         tail = (run_dir / "train.log").read_text()[-3000:]
         raise RuntimeError(f"training {arch} {size} failed (exit {proc.returncode}); log "
@@ -183,11 +184,11 @@ def compare(cfg: CompareConfig, command: str) -> list[dict]:
         raise ValueError("sizes is empty; expected at least one size (label: {preset, overrides})")
     if not cfg.eval_factor >= 1:
         raise ValueError(f"eval_factor={cfg.eval_factor}; expected >= 1 (a multiple of the training length)")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     if cfg.threads > 0:
         env["OMP_NUM_THREADS"] = str(cfg.threads)
         torch.set_num_threads(cfg.threads)
-    runs_dir, out_dir = REPO / cfg.runs_dir, REPO / cfg.out_dir
+    runs_dir, out_dir = Path(cfg.runs_dir).resolve(), Path(cfg.out_dir).resolve()
     t0, load0, rows = time.perf_counter(), os.getloadavg()[0], []
     for size in cfg.sizes:
         for arch in cfg.archs:
@@ -212,7 +213,7 @@ def compare(cfg: CompareConfig, command: str) -> list[dict]:
     return rows
 
 
-@hydra.main(config_path=str(REPO / "configs" / "eval"), config_name="compare", version_base="1.3")
+@hydra.main(config_path=str(CONFIG_DIR / "eval"), config_name="compare", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     command = shlex.join(["python", "-m", "newtonlm.eval.compare", *sys.argv[1:]])
     compare(OmegaConf.to_object(cfg), command)

@@ -10,11 +10,10 @@ the real vocabulary comes from the tokenizer.
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from ..paths import CONFIG_DIR
 from .factory import ARCHS
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
+PRESET_DIR = CONFIG_DIR / "model"
 SIZES = ("demo", "125m", "400m", "1b", "3b", "7b")
 REFERENCE_VOCAB = {"demo": 8192, "125m": 32000, "400m": 32000, "1b": 32000, "3b": 32000, "7b": 32000}
 

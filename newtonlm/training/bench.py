@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+SRC = Path(__file__).resolve().parents[2]  # the directory holding the newtonlm package
 WARMUP = 3  # steps not measured (first-call compilation, allocator warm-up)
 
 
@@ -40,12 +40,12 @@ def _trainer(arch: str, nproc: int, steps: int, seq_len: int, mbs: int, tok_cach
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                str(nproc), "-m", "newtonlm.training.train", *overrides]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
     if nproc > 1:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // nproc))
     t0 = time.perf_counter()
     out = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd] if Path("/usr/bin/time").exists()
-                         else cmd, cwd=REPO, env=env, capture_output=True, text=True)
+                         else cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"trainer failed ({arch}, {nproc} proc):\n{out.stderr[-3000:]}")
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -87,7 +87,7 @@ def _bare_subprocess(arch: str, steps: int, seq_len: int, mbs: int, vocab: int) 
     tokens/s after the warm-up steps."""
     cmd = [sys.executable, "-m", "newtonlm.training.bench", "--bare", arch, "--steps", str(steps),
            "--seq-len", str(seq_len), "--micro-batch-size", str(mbs), "--vocab", str(vocab)]
-    out = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+    out = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(SRC)},
                          capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"bare loop failed ({arch}):\n{out.stderr[-3000:]}")
@@ -133,7 +133,7 @@ def main(argv=None):
         return None
     from ..data import get_or_train_tokenizer, load_data_config, vocab_size_for_model
 
-    tok_cache = str(REPO / ".cache" / "newtonlm" / "tokenizers")
+    tok_cache = str(Path(".cache/newtonlm/tokenizers").resolve())  # the trainer's default
     data_cfg = load_data_config({"sources": {"shakespeare": {"kind": "shakespeare"}},
                                  "tokenizer": {"cache_dir": tok_cache}})
     vocab = vocab_size_for_model(get_or_train_tokenizer(data_cfg))

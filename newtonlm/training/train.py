@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import data as nd
 from .. import models as nm
+from ..paths import CONFIG_DIR
 from . import faults
 from .checkpoint import Checkpoints
 from .config import load_settings, register_schemas, validate
@@ -35,7 +36,6 @@ from .distributed import all_reduce_sum, barrier, init_distributed
 from .metrics import MetricsLog, Progress, init_wandb, peak_flops
 from .optim import build_optimizer, build_scheduler, deepspeed_config
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 # Settings that must match for a resume to continue the same run.
 _RESUME_KEYS = ("seq_len", "micro_batch_size", "grad_accum", "seed")
 

@@ -22,12 +22,12 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from ...paths import CONFIG_DIR
 from ..plots import accuracy_vs_length
 from ..sizes import SizeConfig
 from .tasks import TASKS, TaskConfig
 from .train import TrainSettings, evaluate, train_model
 
-REPO = Path(__file__).resolve().parents[3]
 ARCHS = ("paragru", "paralstm", "llama", "mamba2")
 
 
@@ -101,13 +101,13 @@ def markdown(rows: list[dict], cfg: SyntheticConfig, command: str, seconds: floa
     return "\n".join(lines)
 
 
-@hydra.main(config_path=str(REPO / "configs" / "eval"), config_name="synthetic", version_base="1.3")
+@hydra.main(config_path=str(CONFIG_DIR / "eval"), config_name="synthetic", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     cfg = OmegaConf.to_object(cfg)
     command = shlex.join(["python", "-m", "newtonlm.eval.synthetic", *sys.argv[1:]])
     t0 = time.perf_counter()
     rows = run_suite(cfg)
-    out = REPO / cfg.out_dir
+    out = Path(cfg.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     accuracy_vs_length(rows, cfg.train.max_len, out / "accuracy_vs_length.png")
