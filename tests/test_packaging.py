@@ -26,7 +26,8 @@ def test_wheel_ships_configs_and_the_trainer_composes_from_it(tmp_path):
         [sys.executable, "-c", "import newtonlm.paths as p, newtonlm.models as m; "
          "print(p.CONFIG_DIR); print(len(m.preset_names()))"],
         cwd=work, env=env, check=True, capture_output=True, text=True).stdout.split()
-    assert probe == [str(site / "newtonlm" / "configs"), str(len(list((REPO / "configs" / "model").glob("*.yaml"))))]
+    presets = len(list((REPO / "configs" / "model").glob("*.yaml")))
+    assert probe == [str(site / "newtonlm" / "configs"), str(presets)]
     job = subprocess.run([sys.executable, "-m", "newtonlm.training.train", "--cfg", "job",
                           "model=paralstm_demo", "train.max_steps=7"],
                          cwd=work, env=env, capture_output=True, text=True)

@@ -263,3 +263,12 @@ def test_training_bench_summary_arithmetic():
     assert (row["trainer_overhead_min"], row["trainer_overhead_max"]) == pytest.approx((-0.1, 0.1))
     assert row["tokens_per_s"] == 99.0 and row["bare_tokens_per_s"] == 100.0 and row["mfu"] == 0.2
     assert row["peak_rss_mb"] == 700.0 and row["rounds"] == 3
+
+
+def test_cuda_device_index_for_local_rank():
+    from newtonlm.training.distributed import cuda_device_index
+
+    assert [cuda_device_index(r, 8) for r in (0, 3, 7)] == [0, 3, 7]
+    assert cuda_device_index(5, 1) == 0  # one GPU bound per process (e.g. --gpus-per-task=1)
+    with pytest.raises(RuntimeError, match="LOCAL_RANK=4 but this process sees 2 GPUs"):
+        cuda_device_index(4, 2)

@@ -49,6 +49,17 @@ def _fill_env() -> None:
     env.setdefault("LOCAL_RANK", "0")
 
 
+def cuda_device_index(local_rank: int, visible: int) -> int:
+    """The GPU of a rank: its local rank among the node's visible GPUs, or the only visible one
+    (launchers or Slurm's --gpus-per-task=1 that bind one GPU per process)."""
+    if visible == 1:
+        return 0
+    if not 0 <= local_rank < visible:
+        raise RuntimeError(f"LOCAL_RANK={local_rank} but this process sees {visible} GPUs; expected "
+                           f"fewer processes per node than GPUs, or one visible GPU per process")
+    return local_rank
+
+
 def init_distributed(timeout_s: int, shm_comm: bool = False) -> DistInfo:
     """Initialize torch.distributed (and DeepSpeed's comm layer on top of it). ``shm_comm``:
     let DeepSpeed build and use its shared-memory CPU all-reduce (compiled at first use)."""
@@ -60,8 +71,9 @@ def init_distributed(timeout_s: int, shm_comm: bool = False) -> DistInfo:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
+        index = cuda_device_index(local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        device, backend = torch.device("cuda", index), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
