@@ -53,6 +53,8 @@ def test_single_process_run_writes_config_metrics_and_checkpoints(reference_run)
     for r in recs:
         for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen", "mfu"):
             assert isinstance(r[key], float | int), (key, r)
+        assert 0 <= r["data_wait_s"] < r["step_time_s"]
+        assert r["tokens_per_s"] == pytest.approx(2 * 32 / r["step_time_s"])
         assert "newton/layer0/iterations" in r and "newton/fallbacks" in r
     assert recs[-1]["tokens_seen"] == 4 * 2 * 32
     assert recs[0]["loss"] > recs[-1]["loss"]

@@ -225,6 +225,7 @@ def run(cfg: DictConfig) -> dict:
     t0 = time.perf_counter()  # a step's time: from the end of the previous step's bookkeeping
     while step < total_steps:
         micro = [next(train_iter) for _ in range(train_cfg.grad_accum)]
+        data_wait = time.perf_counter() - t0  # > a few % of the step: the input pipeline is slow
         n_local = sum(int((mb["labels"] != -100).sum()) for mb in micro)
         (n_global,) = all_reduce_sum([n_local], device)
         skipped_before = engine.skipped_steps
@@ -255,7 +256,7 @@ def run(cfg: DictConfig) -> dict:
         if log_now:  # Newton telemetry over the steps since the last record
             record.update(nm.newton_stats(engine.module, reset=True))
         dt = time.perf_counter() - t0
-        record["tokens_per_s"] = n_global / dt
+        record.update(tokens_per_s=n_global / dt, step_time_s=dt, data_wait_s=data_wait)
         record["mfu"] = flops_tok * n_global / dt / (peak * world) if peak > 0 else None
         if log_now:
             metrics.write(record)
