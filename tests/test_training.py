@@ -2,6 +2,7 @@
 
 import json
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -196,10 +197,24 @@ def test_bf16_autocast_activation_checkpointing_and_zero1(tmp_path, tok_cache):
     assert all(t.dtype == torch.float32 for t in states["module"].values())  # fp32 weights kept
 
 
-def test_slurm_template_preempts_requeues_and_resumes(tmp_path, tok_cache):
-    """launch/slurm.sbatch under test doubles of srun and scontrol (tests/fake_slurm): 2 tasks; a
-    SIGTERM to the batch shell reaches every rank through srun, they checkpoint and exit 0, and the
-    shell requeues the job; the requeued job resumes from that checkpoint."""
+def _records_so_far(run):
+    """metrics.jsonl of a running job (a line being written is skipped)."""
+    path = Path(run) / "metrics.jsonl"
+    out = []
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def test_slurm_template_checkpoints_requeues_and_resumes(tmp_path, tok_cache):
+    """launch/slurm.sbatch under test doubles of srun and scontrol (tests/fake_slurm; the srun double
+    handles signals like srun: SIGTERM kills the tasks, SIGUSR1 is forwarded). 2 tasks. The
+    time-limit notice (SIGUSR1 to the batch shell) reaches every rank through srun, they checkpoint
+    and exit 0, the shell requeues the job, and the requeued job resumes from that checkpoint.
+    Then a plain SIGTERM to srun (scancel) kills the ranks: no new checkpoint, no requeue."""
     import os
     import time
 
@@ -207,15 +222,21 @@ def test_slurm_template_preempts_requeues_and_resumes(tmp_path, tok_cache):
     env = launch_env(PATH=f"{REPO / 'tests' / 'fake_slurm'}:{os.environ['PATH']}", SLURM_JOB_ID="4242",
                      SLURM_NTASKS="2", SLURM_JOB_NODELIST="node[1]", SLURM_SUBMIT_DIR=str(REPO),
                      RUN_DIR=str(run), FAKE_SLURM_LOG=str(log))
-    job = start_launch(["slurm.sbatch"], None, "train.max_steps=100000", "train.eval_every=0",
-                       tok_cache=tok_cache, env=env)
-    deadline = time.monotonic() + 300
-    while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().strip()):
-        assert job.poll() is None and time.monotonic() < deadline, wait_process(job, 1, check=False)
-        time.sleep(0.2)
-    os.kill(job.pid, signal.SIGTERM)  # what --signal=B:TERM@180 does: the batch shell only
+
+    def start_and_wait_for_steps(*overrides, after_step=0):
+        job = start_launch(["slurm.sbatch"], None, *overrides, "train.eval_every=0",
+                           tok_cache=tok_cache, env=env)
+        deadline = time.monotonic() + 300
+        while not any(r.get("step", 0) > after_step for r in _records_so_far(run)):
+            assert job.poll() is None and time.monotonic() < deadline, wait_process(job, 1, check=False)
+            time.sleep(0.2)
+        return job
+
+    job = start_and_wait_for_steps("train.max_steps=100000")
+    os.kill(job.pid, signal.SIGUSR1)  # what --signal=B:USR1@180 does: the batch shell only
     out = wait_process(job, 300)
     assert "rendezvous 127.0.0.1:" in out.stderr and "requeueing job 4242" in out.stderr
+    assert "SIGUSR1 received" in out.stderr and "preempted (SIGUSR1)" in out.stdout
     assert log.read_text() == "scontrol requeue 4242\n"
     step = int((run / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
     assert 1 <= step < 100000 and records(run)[-1]["step"] == step
@@ -226,6 +247,15 @@ def test_slurm_template_preempts_requeues_and_resumes(tmp_path, tok_cache):
     assert f"resumed from step_{step:08d}" in again.stderr and "status: finished" in again.stdout
     assert [r["step"] for r in records(run)][-2:] == [step + 1, step + 2]
     assert records(run)[-1]["tokens_seen"] == (step + 2) * 2 * 2 * 32
+    # scancel without --signal: srun gets SIGTERM and kills the ranks (so the notice must be USR1)
+    job = start_and_wait_for_steps("train.max_steps=100000", "train.save_every=1000000",
+                                   after_step=step + 2)
+    srun = int(subprocess.run(["pgrep", "-P", str(job.pid), "-f", "srun"], capture_output=True,
+                              text=True, check=True).stdout.split()[0])
+    os.kill(srun, signal.SIGTERM)
+    out = wait_process(job, 120, check=False)
+    assert out.returncode == 128 + signal.SIGKILL and "forcing job termination" in out.stderr
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{step + 2:08d}"
     assert log.read_text() == "scontrol requeue 4242\n"
 
 
@@ -274,3 +304,57 @@ def test_cuda_device_index_for_local_rank():
     assert cuda_device_index(5, 1) == 0  # one GPU bound per process (e.g. --gpus-per-task=1)
     with pytest.raises(RuntimeError, match="LOCAL_RANK=4 but this process sees 2 GPUs"):
         cuda_device_index(4, 2)
+
+
+def test_resume_from_an_older_checkpoint_needs_overwrite_for_the_later_ones(tmp_path, tok_cache,
+                                                                            reference_run):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(reference_run[0], run)
+    refused = train(run, *COMMON, "train.resume=step_00000002", tok_cache=tok_cache, check=False,
+                    timeout=300)
+    assert refused.returncode != 0
+    assert ("train.resume=step_00000002 but" in refused.stderr and "step_00000004" in refused.stderr
+            and "train.overwrite=true" in refused.stderr)
+    assert (run / "checkpoints" / "step_00000004" / "COMPLETE").is_file()  # nothing was touched
+    again = train(run, *COMMON, "train.resume=step_00000002", "train.overwrite=true", tok_cache=tok_cache)
+    assert "resumed from step_00000002" in again.stderr
+    assert losses(reference_run[0]) == losses(run)  # step 4 written again, from scratch
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000004"
+
+
+def test_stop_request_ignores_a_second_notice_but_not_a_late_ctrl_c():
+    """Launchers send two notices at once (SIGINT then SIGTERM): one checkpoint, no abrupt exit.
+    A second Ctrl-C after the grace period ends the process."""
+    import sys
+
+    code = ("import os, signal, time\n"
+            "from newtonlm.training.train import _StopRequest\n"
+            "s = _StopRequest()\n"
+            "os.kill(os.getpid(), signal.SIGINT); os.kill(os.getpid(), signal.SIGTERM)\n"
+            "os.kill(os.getpid(), signal.SIGUSR1); time.sleep(0.1)\n"
+            "print('alive', s.signal, flush=True)\n"
+            "s.since -= 10\n"
+            "os.kill(os.getpid(), signal.SIGINT); time.sleep(5)\n"
+            "print('still alive', flush=True)\n")
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.stdout.splitlines() == ["alive SIGINT"]
+    assert proc.returncode == -signal.SIGINT
+    assert proc.stderr.count("SIGINT received: checkpointing at the next step boundary") == 1
+
+
+def test_metrics_log_resume_drops_later_records_and_a_torn_line(tmp_path):
+    from newtonlm.training.metrics import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"kind": "train", "step": s, "loss": float(s)}) for s in (1, 2, 3)]
+    path.write_text("\n".join(lines) + '\n{"kind": "train", "st')
+    log = MetricsLog(path, True, resume_step=2)
+    log.write({"kind": "train", "step": 3, "loss": float("nan")})
+    log.close()
+    assert [json.loads(x) for x in path.read_text().splitlines()] == [
+        {"kind": "train", "step": 1, "loss": 1.0}, {"kind": "train", "step": 2, "loss": 2.0},
+        {"kind": "train", "step": 3, "loss": None}]

@@ -2,14 +2,17 @@
 
 Layout under ``<run_dir>/checkpoints/``: one folder per tag ``step_00000100`` written by DeepSpeed
 (model/optimizer states; ``client_state`` holds the step, tokens seen, every rank's data-loader and
-RNG states and the resolved config), DeepSpeed's ``latest`` file, and ``<tag>/COMPLETE`` written by
-rank 0 after every rank finished the save.
+RNG states and the resolved config), ``<tag>/COMPLETE`` and the ``latest`` file (DeepSpeed's format:
+the newest tag), both written by rank 0 after every rank finished the save.
 
-Crash safety: DeepSpeed writes ``latest`` only after all files and a barrier, and the ``COMPLETE``
-marker comes after that, so a crash at any point leaves a folder without ``COMPLETE``; resume only
-considers folders with the marker, so ``resume=auto`` picks the previous checkpoint. Pruning keeps
-the newest ``keep_last`` complete checkpoints, never removes the one ``latest`` names, and removes
-incomplete folders older than the newest complete one (leftovers of crashed saves).
+Crash safety: a save first removes any older folder of the same tag (a leftover of a crashed save,
+or of an abandoned branch of the run), DeepSpeed writes the files without touching ``latest``, and
+only after a barrier does rank 0 write ``COMPLETE`` and then ``latest`` (atomically, by rename). A
+crash at any point leaves a folder without ``COMPLETE`` and ``latest`` on the previous complete
+checkpoint, for newtonlm's resume (which only considers folders with the marker) and for
+DeepSpeed's own tools (``zero_to_fp32``, ``load_checkpoint`` without a tag) alike. Pruning keeps the
+newest ``keep_last`` complete checkpoints, never removes the one ``latest`` names, and removes
+incomplete folders older than the newest complete one.
 """
 
 from __future__ import annotations
@@ -53,18 +56,45 @@ class Checkpoints:
     def has_any(self) -> bool:
         return bool(self._tags())
 
+    def newer_than(self, tag: str) -> list[str]:
+        """Checkpoint folders (complete or not) of later steps than ``tag``."""
+        step = int(_TAG.match(tag).group(1))
+        return [t for s, t in self._tags() if s > step]
+
+    def all_tags(self) -> list[str]:
+        return [t for _, t in self._tags()]
+
+    def remove(self, tags: list[str]) -> None:
+        """Delete these checkpoint folders (rank 0; and ``latest`` if it names one), then wait for
+        every rank."""
+        if self.is_main:
+            latest = self.root / "latest"
+            if latest.is_file() and latest.read_text().strip() in tags:
+                latest.unlink()
+            for tag in tags:
+                shutil.rmtree(self.root / tag)
+        barrier()
+
     def save(self, engine, step: int, client_state: dict) -> str:
         tag = tag_for(step)
+        if self.is_main and (self.root / tag).exists():  # never mix fresh files with an older save's
+            shutil.rmtree(self.root / tag)
+        barrier()
         faults.before_save(engine, step)
-        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=True)
+        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
         barrier()
         if self.is_main:
-            tmp = self.root / tag / f".{MARKER}.tmp"
-            tmp.write_text(json.dumps({"step": step, "time": time.time()}))
-            os.replace(tmp, self.root / tag / MARKER)
+            self._write(self.root / tag / MARKER, json.dumps({"step": step, "time": time.time()}))
+            self._write(self.root / "latest", tag)
             self.prune()
         barrier()
         return tag
+
+    @staticmethod
+    def _write(path: Path, text: str) -> None:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
     def prune(self) -> None:
         latest_file = self.root / "latest"

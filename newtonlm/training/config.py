@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass
 
 from hydra.core.config_store import ConfigStore
@@ -149,7 +150,7 @@ def validate(train: TrainConfig, wandb: WandbConfig, world_size: int) -> None:
     need(0 < train.decay_frac <= 1, "decay_frac", train.decay_frac, "in (0, 1]")
     need(train.schedule in SCHEDULES, "schedule", train.schedule, f"one of {SCHEDULES}")
     need(train.precision in PRECISIONS, "precision", train.precision, f"one of {PRECISIONS}")
-    need(train.resume in RESUME or train.resume.startswith("step_"), "resume", train.resume,
+    need(train.resume in RESUME or re.fullmatch(r"step_\d{8}", train.resume), "resume", train.resume,
          f"one of {RESUME} or a checkpoint tag such as step_00000100")
     need(train.zero_stage in (0, 1, 2, 3), "zero_stage", train.zero_stage, "0, 1, 2 or 3")
     need(not (train.offload_optimizer and train.zero_stage == 0), "offload_optimizer",

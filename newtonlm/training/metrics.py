@@ -17,6 +17,14 @@ from pathlib import Path
 import torch
 
 
+def _parse(line: str) -> dict | None:
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:  # e.g. cut short by a crash or a full disk
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
 class MetricsLog:
     def __init__(self, path: Path, enabled: bool, resume_step: int | None = None):
         self.path, self.enabled = Path(path), enabled
@@ -24,9 +32,9 @@ class MetricsLog:
             return
         if resume_step is None or not self.path.exists():
             self.path.write_text("")
-        else:  # drop what was logged after the checkpoint we resume from
+        else:  # drop what was logged after the checkpoint we resume from (and a torn last line)
             kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                    if (rec := _parse(line)) is not None and rec.get("step", 0) <= resume_step]
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.path)

@@ -32,7 +32,7 @@ from ..paths import CONFIG_DIR
 from . import faults
 from .checkpoint import Checkpoints
 from .config import load_settings, register_schemas, validate
-from .distributed import all_reduce_sum, barrier, init_distributed
+from .distributed import all_reduce_sum, barrier, broadcast_object, init_distributed
 from .metrics import MetricsLog, Progress, init_wandb, peak_flops
 from .optim import build_optimizer, build_scheduler, deepspeed_config
 
@@ -41,22 +41,29 @@ _RESUME_KEYS = ("seq_len", "micro_batch_size", "grad_accum", "seed")
 
 
 class _StopRequest:
-    """SIGTERM / SIGINT set a flag; the loop checkpoints and exits at the next step boundary. A
-    second signal ends the process at once (checkpoints stay safe: resume ignores partial ones)."""
+    """Preemption notices (SIGTERM, SIGINT, SIGUSR1: schedulers, launchers, Ctrl-C, Slurm's
+    ``--signal=USR1@...``) set a flag; the loop checkpoints and exits at the next step boundary.
+    Further notices are ignored, because launchers often deliver two at once (the deepspeed launcher
+    forwards a SIGTERM right after the terminal's SIGINT), except a SIGINT more than
+    ``GRACE_S`` after the first notice: a second Ctrl-C ends the process at once (checkpoints stay
+    safe: resume ignores partial ones)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    GRACE_S = 2.0
 
     def __init__(self):
-        self.signal = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        self.signal, self.since = None, 0.0
+        for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        if self.signal is not None:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        self.signal = signal.Signals(signum).name
-        os.write(2, f"newtonlm: {self.signal} received: checkpointing at the next step boundary "
-                    "(send it again to exit now)\n".encode())  # no buffered I/O in a handler
+        if self.signal is None:
+            self.signal, self.since = signal.Signals(signum).name, time.monotonic()
+            os.write(2, f"newtonlm: {self.signal} received: checkpointing at the next step boundary "
+                        "(Ctrl-C again to exit now)\n".encode())  # no buffered I/O in a handler
+        elif signum == signal.SIGINT and time.monotonic() - self.since > self.GRACE_S:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 def _rng_state() -> dict:
@@ -129,6 +136,28 @@ def _check_resume_config(saved: dict, resolved: dict, world: int) -> None:
                          "train.resume=none train.overwrite=true)")
 
 
+def _resume_plan(ckpts: Checkpoints, cfg) -> dict:
+    """What to resume from and what to delete first, or the error to raise (decided on rank 0)."""
+    plan = {"tag": None, "delete": [], "error": None}
+    if cfg.resume == "auto":
+        plan["tag"] = ckpts.latest_complete()
+    elif cfg.resume.startswith("step_"):
+        plan["tag"] = cfg.resume
+        newer = ckpts.newer_than(cfg.resume)
+        if newer and not cfg.overwrite:
+            plan["error"] = (f"train.resume={cfg.resume} but {ckpts.root} also holds later checkpoints "
+                             f"({', '.join(newer)}) that the resumed run would overwrite and "
+                             "train.resume=auto would pick: add train.overwrite=true to delete them, "
+                             "or resume in another hydra.run.dir")
+        plan["delete"] = newer
+    elif ckpts.has_any():
+        if not cfg.overwrite:
+            plan["error"] = (f"{ckpts.root} already holds checkpoints and train.resume=none: use "
+                             "train.resume=auto, another hydra.run.dir, or train.overwrite=true")
+        plan["delete"] = ckpts.all_tags()
+    return plan
+
+
 def run(cfg: DictConfig) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     stop = _StopRequest()  # from here on a SIGTERM / SIGINT ends the run with a checkpoint
@@ -177,33 +206,27 @@ def run(cfg: DictConfig) -> dict:
         data_cfg, tokenizer, train_cfg.seq_len, train_cfg.micro_batch_size, rank, world,
         train_cfg.seed, model_vocab_size=vocab)
 
-    # resume
+    # resume: rank 0 decides from its view of the run directory and every rank follows it
     ckpts = Checkpoints(run_dir / "checkpoints", train_cfg.keep_last, main)
-    step, tokens_seen, skipped_total = 0, 0, 0
-    tag = None
-    if train_cfg.resume == "auto":
-        tag = ckpts.latest_complete()
-    elif train_cfg.resume.startswith("step_"):
-        tag = train_cfg.resume
-    elif ckpts.has_any():
-        if not train_cfg.overwrite:
-            raise ValueError(f"{ckpts.root} already holds checkpoints and train.resume=none: use "
-                             "train.resume=auto, another hydra.run.dir, or train.overwrite=true")
-        if main:
-            import shutil
-
-            shutil.rmtree(ckpts.root)
-        barrier()
+    plan = broadcast_object(_resume_plan(ckpts, train_cfg) if main else None)
+    if plan["error"]:
+        raise ValueError(plan["error"])
+    if plan["delete"]:
+        ckpts.remove(plan["delete"])
+    tag = plan["tag"]
+    step, tokens_seen, skipped_total, consecutive_skips = 0, 0, 0, 0
     if tag is not None:
         state = ckpts.load(engine, tag)
         _check_resume_config(state, resolved, world)
         step, tokens_seen = state["step"], state["tokens_seen"]
         skipped_total = state.get("skipped_total", 0)
+        consecutive_skips = state.get("consecutive_skips", 0)
         train_loader.load_state_dict(state["data"][rank])
         _set_rng_state(state["rng"][rank])
 
     def save(at_step: int) -> None:
         client = {"step": at_step, "tokens_seen": tokens_seen, "skipped_total": skipped_total,
+                  "consecutive_skips": consecutive_skips,
                   "world_size": world, "config": resolved,
                   "data": _gather(train_loader.state_dict(), world),
                   "rng": _gather(_rng_state(), world)}
@@ -220,7 +243,7 @@ def run(cfg: DictConfig) -> dict:
               f"{tokens_per_step} tokens/step, {total_steps} steps, {engine_desc}, run dir {run_dir}"
               + (f", resumed from {tag}" if tag else ""), file=sys.stderr, flush=True)
 
-    consecutive_skips, status, exit_code = 0, "finished", 0
+    status, exit_code = "finished", 0
     train_iter = iter(train_loader)
     t0 = time.perf_counter()  # a step's time: from the end of the previous step's bookkeeping
     while step < total_steps:
@@ -229,6 +252,7 @@ def run(cfg: DictConfig) -> dict:
         n_local = sum(int((mb["labels"] != -100).sum()) for mb in micro)
         (n_global,) = all_reduce_sum([n_local], device)
         skipped_before = engine.skipped_steps
+        lr = scheduler.get_last_lr()[0]  # the rate this step applies (the engine steps the schedule)
         loss_sum = 0.0
         for mb in micro:
             loss, _ = _token_loss_sum(engine, mb, device, vocab)
@@ -249,7 +273,7 @@ def run(cfg: DictConfig) -> dict:
         if grad_norm is None:
             grad_norm = engine.get_global_grad_norm()
         record = {"kind": "train", "step": step, "loss": loss_total / n_global,
-                  "lr": scheduler.get_last_lr()[0],
+                  "lr": lr,
                   "grad_norm": None if grad_norm is None else float(grad_norm),
                   "tokens_seen": tokens_seen, "skipped": skipped, "skipped_total": skipped_total}
         log_now = step % train_cfg.log_every == 0 or step == total_steps
