@@ -358,3 +358,27 @@ def test_metrics_log_resume_drops_later_records_and_a_torn_line(tmp_path):
     assert [json.loads(x) for x in path.read_text().splitlines()] == [
         {"kind": "train", "step": 1, "loss": 1.0}, {"kind": "train", "step": 2, "loss": 2.0},
         {"kind": "train", "step": 3, "loss": None}]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_notice_to_the_whole_process_group_checkpoints(tmp_path, tok_cache, sig):
+    """Ctrl-C in a terminal, Kubernetes or Slurm signal every process of the job, the data-loader
+    worker included: the trainer still checkpoints and exits 0."""
+    import os
+    import time
+
+    from helpers import start_trainer
+
+    run = tmp_path / "run"
+    proc = start_trainer([*TINY, f"hydra.run.dir={run}", f"data.tokenizer.cache_dir={tok_cache}",
+                          "train.max_steps=100000", "train.save_every=1000000", "train.eval_every=0"])
+    deadline = time.monotonic() + 300
+    while not _records_so_far(run):
+        assert proc.poll() is None and time.monotonic() < deadline, wait_process(proc, 1, check=False)
+        time.sleep(0.2)
+    os.killpg(proc.pid, sig)
+    out = wait_process(proc, 120)
+    name = signal.Signals(sig).name
+    assert f"preempted ({name})" in out.stdout and out.stderr.count(f"{name} received") == 1
+    step = records(run)[-1]["step"]
+    assert (run / "checkpoints" / f"step_{step:08d}" / "COMPLETE").is_file()

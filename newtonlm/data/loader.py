@@ -13,6 +13,7 @@ continue exactly where the delivered ones stopped.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from itertools import islice
 
@@ -129,13 +130,24 @@ class ResumableLoader:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
-                            pin_memory=torch.cuda.is_available())
+                            pin_memory=torch.cuda.is_available(),
+                            worker_init_fn=_ignore_stop_signals if self.num_workers else None)
         for batch in loader:
             worker = batch.pop("_worker")
             self._worker_states[worker] = batch.pop("_state")
             self._next_worker = (worker + 1) % self._logical_workers
             self._batches += 1
             yield batch
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers ignore SIGTERM / SIGINT / SIGUSR1: those are preemption notices for the training
+    process, which checkpoints and then shuts its workers down. Sent to a whole process group (Ctrl-C
+    in a terminal, Slurm's scancel, the deepspeed launcher) they would otherwise kill a worker
+    (torch installs a SIGTERM handler that exits) and the trainer would die before its checkpoint.
+    A worker whose trainer is gone still exits: torch's workers watch their parent."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class FixedBatches:

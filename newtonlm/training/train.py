@@ -52,11 +52,13 @@ class _StopRequest:
     GRACE_S = 2.0
 
     def __init__(self):
-        self.signal, self.since = None, 0.0
+        self.signal, self.since, self.pid = None, 0.0, os.getpid()
         for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if os.getpid() != self.pid:
+            return  # a forked data-loader worker (same process group): its trainer handles it
         if self.signal is None:
             self.signal, self.since = signal.Signals(signum).name, time.monotonic()
             os.write(2, f"newtonlm: {self.signal} received: checkpointing at the next step boundary "
