@@ -382,3 +382,57 @@ def test_notice_to_the_whole_process_group_checkpoints(tmp_path, tok_cache, sig)
     assert f"preempted ({name})" in out.stdout and out.stderr.count(f"{name} received") == 1
     step = records(run)[-1]["step"]
     assert (run / "checkpoints" / f"step_{step:08d}" / "COMPLETE").is_file()
+
+
+def _wandb_records(path):
+    """The records of a wandb run file: a LevelDB-style log (a 7-byte ':W&B' header, then 32 KiB
+    blocks of chunks with a 7-byte header: crc32, length, type FULL=1 / FIRST=2 / MIDDLE=3 /
+    LAST=4). The reader lives in wandb's Go core nowadays, so the tests read the format directly."""
+    import struct
+
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, out, parts = 7, 32768, [], []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer too small for a header: padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 and length == 0:
+            break
+        parts.append(data[pos + 7:pos + 7 + length])
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            out.append(b"".join(parts))
+            parts = []
+    return out
+
+
+def _wandb_history(run_dir) -> list[dict]:
+    """The history rows of every offline wandb run under run_dir/wandb, in the order logged."""
+    from wandb.proto import wandb_internal_pb2
+
+    rows = []
+    for path in sorted(Path(run_dir, "wandb").glob("offline-run-*/run-*.wandb")):
+        for data in _wandb_records(path):
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(data)
+            if rec.WhichOneof("record_type") == "history":
+                rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
+                             for i in rec.history.item})
+    return rows
+
+
+def test_wandb_offline_logs_every_step_also_after_a_resume(tmp_path, tok_cache):
+    """wandb=offline: one wandb run id across a preemption, every step logged with the trainer's
+    step as its x-axis (read back from wandb's run files)."""
+    run = tmp_path / "run"
+    train(run, *COMMON, "wandb=offline", faults="sigterm@3", tok_cache=tok_cache)
+    train(run, *COMMON, "wandb=offline", tok_cache=tok_cache)
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 2  # one per process, one run id
+    rows = [r for r in _wandb_history(run) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # the trainer's step is the x-axis
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in records(run)], rel=1e-6)
+    assert rows[-1]["loss"] == pytest.approx(records(run)[-1]["loss"], rel=1e-6)
+    val = [(r["step"], r["val_loss"]) for r in _wandb_history(run) if "val_loss" in r]
+    assert val[-1] == (4, pytest.approx(records(run, "val")[-1]["val_loss"], rel=1e-6))

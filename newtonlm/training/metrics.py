@@ -91,9 +91,14 @@ def init_wandb(cfg, run_dir: Path, resolved: dict, enabled: bool):
         print("wandb is not installed: logging to metrics.jsonl only", file=sys.stderr)
         return None
     os.environ.setdefault("WANDB_SILENT", "true")
-    return wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.name,
-                      tags=list(cfg.tags), config=resolved, dir=str(run_dir), mode=cfg.mode,
-                      resume="allow", id=_wandb_id(run_dir))
+    run = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.name,
+                     tags=list(cfg.tags), config=resolved, dir=str(run_dir), mode=cfg.mode,
+                     resume="allow", id=_wandb_id(run_dir))
+    # x-axis: the trainer's step, logged as a field (not wandb's own step counter, which must
+    # increase: a resumed run logs again the steps after its checkpoint, and wandb would drop them)
+    run.define_metric("step")
+    run.define_metric("*", step_metric="step")
+    return run
 
 
 def _wandb_id(run_dir: Path) -> str:

@@ -287,7 +287,7 @@ def run(cfg: DictConfig) -> dict:
         if log_now:
             metrics.write(record)
             if wb is not None:
-                wb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+                wb.log({k: v for k, v in record.items() if isinstance(v, (int, float))})
             progress.update(step, record["loss"], record["tokens_per_s"],
                             " (skipped)" if skipped else "")
         if consecutive_skips >= train_cfg.max_consecutive_skips:
@@ -302,7 +302,7 @@ def run(cfg: DictConfig) -> dict:
             val = evaluate(engine, val_loader, device, vocab)
             metrics.write({"kind": "val", "step": step, "tokens_seen": tokens_seen, **val})
             if wb is not None:
-                wb.log(val, step=step)
+                wb.log({"step": step, **val})
         if step % train_cfg.save_every == 0 or step == total_steps:
             save(step)
         t0 = time.perf_counter()
@@ -313,6 +313,8 @@ def run(cfg: DictConfig) -> dict:
         if val_loader is not None:
             val = evaluate(engine, val_loader, device, vocab)
             metrics.write({"kind": "val", "step": step, "tokens_seen": tokens_seen, "final": True, **val})
+            if wb is not None:
+                wb.log({"step": step, **val})
             result.update(val)
         if train_cfg.sample_tokens > 0:
             result["sample"] = sample_text(engine, tokenizer, train_cfg.sample_prompt,
