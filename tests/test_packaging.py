@@ -2,6 +2,7 @@
 package, so the entry points work from any directory."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -10,8 +11,13 @@ from helpers import REPO
 
 
 def test_wheel_ships_configs_and_the_trainer_composes_from_it(tmp_path):
+    # build from a copy of the source tree (setuptools leaves build/ behind in the tree it builds)
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "runs", ".cache", "*.egg-info", "__pycache__", ".*_cache"))
+    assert (src / "newtonlm" / "configs").is_symlink()
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path / "dist"), str(REPO)], check=True, capture_output=True, text=True)
+                    "-w", str(tmp_path / "dist"), str(src)], check=True, capture_output=True, text=True)
     (wheel,) = (tmp_path / "dist").glob("newtonlm-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     shipped = sorted(n.removeprefix("newtonlm/configs/") for n in names if n.startswith("newtonlm/configs/"))
