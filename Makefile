@@ -17,3 +17,4 @@ bench: venv
 	$(PY) -m newtonlm.kernels.bench
 	$(PY) -m newtonlm.models.bench
 	$(PY) -m newtonlm.data.bench
+	$(PY) -m newtonlm.training.bench

@@ -65,21 +65,20 @@ class Checkpoints:
         return [t for _, t in self._tags()]
 
     def remove(self, tags: list[str]) -> None:
-        """Delete these checkpoint folders (rank 0; and ``latest`` if it names one), then wait for
-        every rank."""
+        """Delete those of these checkpoint folders that exist (rank 0; and ``latest`` if it names
+        one), then wait for every rank."""
         if self.is_main:
             latest = self.root / "latest"
             if latest.is_file() and latest.read_text().strip() in tags:
                 latest.unlink()
             for tag in tags:
-                shutil.rmtree(self.root / tag)
+                if (self.root / tag).exists():
+                    shutil.rmtree(self.root / tag)
         barrier()
 
     def save(self, engine, step: int, client_state: dict) -> str:
         tag = tag_for(step)
-        if self.is_main and (self.root / tag).exists():  # never mix fresh files with an older save's
-            shutil.rmtree(self.root / tag)
-        barrier()
+        self.remove([tag])  # never mix fresh files with those of an older save of this tag
         faults.before_save(engine, step)
         engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
         barrier()
