@@ -1,6 +1,13 @@
 """Shared test helpers: random contracting problems for the kernel tests, and the training job
-run as a user runs it (a subprocess)."""
+run as a user runs it (a subprocess).
 
+Every process a test starts through :func:`start_process` runs in its own process group (so a
+timeout can kill it with its children: launchers, ranks, compilers) and is remembered until it has
+been waited for. The group is killed when waiting is interrupted (Ctrl-C in pytest raises
+KeyboardInterrupt there), after each test (``conftest.py``) and when the test process exits, so an
+interrupted or failed test run leaves no orphan behind."""
+
+import atexit
 import os
 import signal
 import subprocess
@@ -36,20 +43,53 @@ def zeros_state(cell, u):
 REPO = Path(__file__).resolve().parents[1]
 
 
+_LIVE: set[subprocess.Popen] = set()  # started, not yet waited for
+
+
 def start_process(cmd, env=None, cwd=REPO) -> subprocess.Popen:
     """Start ``cmd`` in a new process group (so that a timeout can kill it with its children)."""
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _LIVE.add(proc)
+    return proc
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc``'s process group: the launcher and every rank or compiler it started."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # the whole group has exited already
+
+
+@atexit.register
+def kill_started_processes() -> None:
+    """Kill the groups of every started process not waited for (a failed or interrupted test)."""
+    while _LIVE:
+        proc = _LIVE.pop()
+        kill_group(proc)
+        try:
+            proc.communicate(timeout=10)  # reap it and close its pipes
+        except (subprocess.TimeoutExpired, ValueError, OSError):
+            pass
 
 
 def wait_process(proc: subprocess.Popen, timeout: float, check: bool = True):
-    """Wait for ``proc``; on timeout kill its whole group and fail. -> CompletedProcess."""
+    """Wait for ``proc``; on timeout kill its whole group and fail; on an interrupt (Ctrl-C) kill it
+    and re-raise. -> CompletedProcess."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank
+        kill_group(proc)
         out, err = proc.communicate()
         raise AssertionError(f"timed out after {timeout} s\n{out[-3000:]}\n{err[-5000:]}") from None
+    except BaseException:
+        kill_group(proc)
+        proc.communicate()
+        raise
+    finally:
+        _LIVE.discard(proc)
+        kill_group(proc)  # members that outlived the leader (a rank after its launcher)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{out[-3000:]}\n{err[-5000:]}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
