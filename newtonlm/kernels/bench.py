@@ -145,7 +145,8 @@ def _make_fns(cell, T, B, N, device, path):
     return fwd, fwd_bwd
 
 
-def bench_one(cell, T, B, N, device, paths, baseline_max_T):
+def bench_one(cell, T, B, N, device, paths, baseline_max_T, done=None):
+    """The rows of one (cell, T); ``done(row)`` is called as each row is measured (progress)."""
     state_elems = B * T * N * (1 if cell.structure == "diag" else 2)
     u_elems = B * T * 3 * N
     elem = 4
@@ -165,6 +166,8 @@ def bench_one(cell, T, B, N, device, paths, baseline_max_T):
                      "fwd_gbs": fwd_bytes / fwd_s / 1e9,
                      "fwd_bwd_gbs": (fwd_bytes + bwd_bytes) / fb_s / 1e9,
                      "copy_gbs": copy_bw / 1e9})
+        if done is not None:
+            done(rows[-1])
     base = next((r for r in rows if r["path"] == "autograd-seq"), None)
     for r in rows:
         r["fwd_speedup"] = base["fwd_ms"] / r["fwd_ms"] if base else None
@@ -223,9 +226,20 @@ def main(argv=None):
     if device.type == "cuda" and not triton_usable(device):
         paths = [p for p in paths if p[1] not in ("triton", "fused")]
     rows = []
+    n_rows = sum(len(paths) + (T <= args.baseline_max_T) for T in Ts) * len(names)
+    started, measured = time.perf_counter(), []
+
+    def done(row):  # one line per measured row on stderr (stdout stays the table or the JSON)
+        measured.append(row)
+        print(f"[{len(measured)}/{n_rows} rows, {time.perf_counter() - started:.0f} s] {row['cell']} "
+              f"T={row['T']} {row['path']}: fwd {row['fwd_ms']:.1f} ms, fwd+bwd "
+              f"{row['fwd_bwd_ms']:.1f} ms", file=sys.stderr, flush=True)
+
+    print(f"benchmarking {n_rows} rows ({', '.join(names)}; T in {Ts}; B={args.B}, N={args.N}; "
+          f"{device}); each row times forward and forward+backward", file=sys.stderr, flush=True)
     for n in names:
         for T in Ts:
-            new = bench_one(cells[n], T, args.B, args.N, device, paths, args.baseline_max_T)
+            new = bench_one(cells[n], T, args.B, args.N, device, paths, args.baseline_max_T, done)
             if not args.json:  # stream the table: header once, then each group as it is measured
                 table = format_table(new)
                 print(table if not rows else table.split("\n", 2)[2], flush=True)
