@@ -2,6 +2,7 @@
 trainer and evaluator on tiny models, and the command end to end."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 from newtonlm.eval.sizes import SizeConfig
 from newtonlm.eval.synthetic import TASKS, TaskConfig, TrainSettings, evaluate, train_model
 from newtonlm.eval.synthetic.tasks import IGNORE, batch_rng, generate, vocab_size
+from newtonlm.eval.synthetic.train import lr_schedule
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = TaskConfig(modulus=5, num_keys=12, num_values=6, num_tokens=3, alphabet=5, distractors=4)
@@ -96,6 +98,35 @@ def test_evaluate_counts_accuracy_as_defined():
     r = evaluate(_Oracle(wrong, 2), "parity", CFG, 12, samples=10, batch_size=10)
     assert r["acc"] == pytest.approx(1 - 3 / 120) and r["seq_acc"] == pytest.approx(0.7)
     assert r["last_acc"] == pytest.approx(0.7)
+
+
+def _old_schedule(step, warmup, steps):
+    """The suite's former hand-written schedule (a LambdaLR factor): warmup (step + 1) / warmup,
+    then 0.1 + 0.9 x half a cosine over the remaining steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@pytest.mark.parametrize("warmup, steps", [(50, 1000), (2, 25), (0, 7), (5, 5)])
+def test_lr_schedule_is_the_former_cosine_to_a_tenth(warmup, steps):
+    """Step by step, the rate the optimizer applies equals the former formula after the warmup; in
+    the warmup transformers' ramp is the former one a step later (lr * k / warmup, 0 at step 0)."""
+    lr = 3e-3
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = lr_schedule(opt, TrainSettings(steps=steps, warmup_steps=warmup, lr=lr))
+    applied = []
+    for _ in range(steps):
+        applied.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expected = [lr * (k / warmup if k < warmup else _old_schedule(k, warmup, steps)) for k in range(steps)]
+    assert applied == pytest.approx(expected, rel=1e-12, abs=0)
+    assert [lr * _old_schedule(k - 1, warmup, steps) for k in range(1, warmup)] == pytest.approx(
+        applied[1:warmup], rel=1e-12)
+    with pytest.raises(ValueError, match="warmup_steps=8; expected 0 <= warmup_steps <= steps"):
+        lr_schedule(opt, TrainSettings(steps=7, warmup_steps=8))
 
 
 @pytest.mark.parametrize("arch", ["paragru", "paralstm", "llama", "mamba2"])

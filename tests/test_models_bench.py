@@ -1,6 +1,7 @@
 """The throughput benchmark command runs end to end (tiny settings; the figures are in docs)."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ def _restore_threads():
 def test_bench_prints_json_rows_with_ratios_to_llama(capsys):
     main(["--json", "--sizes", "demo", "--seq", "16", "--tokens", "32", "--reps", "1", "--threads", "1"])
     out = json.loads(capsys.readouterr().out)
-    assert out["machine"]["torch_threads"] == 1
+    assert out["machine"]["threads"] == 1 and out["machine"]["cpu_count"] == os.cpu_count()
     rows = out["rows"]
     assert [r["arch"] for r in rows] == list(ARCHS)
     assert all(r["T"] == 16 and r["batch"] == 2 and r["tokens_per_s"] > 0 for r in rows)

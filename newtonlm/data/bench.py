@@ -10,7 +10,7 @@ On the configured corpus (default: the bundled Shakespeare) and its tokenizer, m
 
 each as MB/s of text and tokens/s (``loader tokens`` counts the input positions of the batches,
 B x T per batch; MB/s converts with the corpus's bytes per token), and the margin over a model
-that trains at ``--model-tokens-per-s`` (the demo model: 2-5k tokens/s on 2 CPU cores).
+that trains at ``--model-tokens-per-s`` (the demo model's measured rate: docs/data.md).
 """
 
 from __future__ import annotations
@@ -19,27 +19,18 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 
 import tokenizers
-import torch
 
+from ..machine import machine_info, machine_line
 from .config import compose_data_config, split_overrides
 from .factory import build_loader
 from .prepare import prepare_shards
 from .sources import DocumentSource
 from .tokenizer import TextEncoder, get_or_train_tokenizer
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            return next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def _loader_rate(loader, min_tokens: int) -> tuple[float, int]:
@@ -93,9 +84,7 @@ def run(cfg, seq_len: int, batch_size: int, min_tokens: int, workers: list[int],
     for row in rows:
         row["mb_per_s"] = row["tokens_per_s"] * bytes_per_token / 1e6
     return {  # the load average is read last: other processes on the machine skew every figure
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "load_average": os.getloadavg()[0],
-                    "python": platform.python_version(), "torch": torch.__version__,
-                    "tokenizers": tokenizers.__version__},
+        "machine": {**machine_info(), "tokenizers": tokenizers.__version__},
         "corpus": {"sources": list(cfg.sources), "train_text_mb": text_bytes / 1e6, "train_tokens": n_tokens,
                    "bytes_per_token": bytes_per_token, "tokenizer_size": len(tokenizer),
                    "tokenizer_seconds": tokenizer_seconds},
@@ -126,8 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(result, indent=1))
         return
     m, c = result["machine"], result["corpus"]
-    print(f"# {m['cpu']}, {m['cores']} cores (load average {m['load_average']:.1f} at the end); "
-          f"torch {m['torch']}, tokenizers {m['tokenizers']}")
+    print(f"# {machine_line(m)} (at the end); tokenizers {m['tokenizers']}")
     print(f"# corpus {c['sources']}: {c['train_text_mb']:.2f} MB train text, {c['train_tokens']} tokens "
           f"({c['bytes_per_token']:.2f} B/token), tokenizer {c['tokenizer_size']} "
           f"({c['tokenizer_seconds']:.1f} s to train)")

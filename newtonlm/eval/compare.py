@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -33,13 +32,14 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from ..machine import machine_info, machine_line
+from ..models import ARCHS, count_parameters
 from ..paths import CONFIG_DIR
 from . import plots
 from .perplexity import run as perplexity
 from .sizes import SizeConfig, override_list
 
 SRC = Path(__file__).resolve().parents[2]  # the directory holding the newtonlm package
-ARCHS = ("paragru", "paralstm", "llama", "mamba2")
 
 
 @dataclass
@@ -108,7 +108,6 @@ def summarize(arch: str, size: str, run_dir: Path, short: dict, long: dict,
               train_seconds: float | None) -> dict:
     """One row: parameters, tokens, throughput and the validation curve from the run's metrics,
     plus the two perplexity evaluations."""
-    import newtonlm.models as nm
     from newtonlm.eval.loading import load_run
 
     model = load_run(run_dir)[0]
@@ -117,7 +116,7 @@ def summarize(arch: str, size: str, run_dir: Path, short: dict, long: dict,
     val = [r for r in recs if r.get("kind") == "val"]
     speeds = [r["tokens_per_s"] for r in train[2:] or train if r.get("tokens_per_s")]
     return {
-        "arch": arch, "size": size, "run_dir": str(run_dir), "parameters": nm.count_parameters(model),
+        "arch": arch, "size": size, "run_dir": str(run_dir), "parameters": count_parameters(model),
         "tokens": train[-1]["tokens_seen"] if train else 0,
         "steps": train[-1]["step"] if train else 0,
         "train_tokens_per_s": statistics.median(speeds) if speeds else None,
@@ -164,18 +163,6 @@ def markdown(rows: list[dict], cfg: CompareConfig, command: str, machine: str, s
     return "\n".join(lines)
 
 
-def machine_description(threads: int, load_at_start: float) -> str:
-    """Devices, threads, versions, and the 1-minute load average at the start and the end (other
-    jobs on the same cores slow the runs down and make the throughput column noisy)."""
-    if torch.cuda.is_available():
-        dev = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-    else:
-        dev = f"CPU only, {os.cpu_count()} cores, {platform.processor() or platform.machine()}"
-    return (f"{dev}; {threads or 'default'} thread(s) per process; torch {torch.__version__}, "
-            f"Python {platform.python_version()}; load average {load_at_start:.1f} at the start, "
-            f"{os.getloadavg()[0]:.1f} at the end")
-
-
 def compare(cfg: CompareConfig, command: str) -> list[dict]:
     for arch in cfg.archs:
         if arch not in ARCHS:
@@ -207,7 +194,9 @@ def compare(cfg: CompareConfig, command: str) -> list[dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
     plots.write_all(rows, out_dir)
     (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
-    md = markdown(rows, cfg, command, machine_description(cfg.threads, load0), time.perf_counter() - t0)
+    # torch threads of this process = those of the runs (both from cfg.threads, or both the default)
+    machine = machine_line(machine_info(), load_at_start=load0)
+    md = markdown(rows, cfg, command, machine, time.perf_counter() - t0)
     (out_dir / "results.md").write_text(md)
     print(md)
     return rows

@@ -21,13 +21,13 @@ import ctypes
 import gc
 import json
 import os
-import platform
 import statistics
 import threading
 import time
 
 import torch
 
+from ..machine import machine_info, machine_line
 from .factory import ARCHS, build_model, count_parameters
 from .presets import load_preset
 
@@ -135,23 +135,6 @@ def run(sizes=("demo", "10m"), seq_lens=(512, 2048), tokens: int = 4096, reps: i
     return rows
 
 
-def machine() -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "model_name": _cpu_model()}
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def format_table(rows: list[dict]) -> str:
     head = (f"{'size':>5} {'T':>5} {'B':>3} {'arch':>9} {'params':>8} {'tok/s':>8} {'vs llama':>8} "
             f"{'step s':>7} {'peak MB':>8}")
@@ -187,11 +170,9 @@ def main(argv=None):
             p.error(f"--archs: {a!r} is not one of {list(ARCHS)}")
     rows = run(sizes, [int(t) for t in args.seq.split(",")], args.tokens, args.reps, archs)
     if args.json:
-        print(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+        print(json.dumps({"machine": machine_info(), "rows": rows}, indent=1))
     else:
-        m = machine()
-        print(f"# {m['model_name']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
-              "fp32, forward+backward")
+        print(f"# {machine_line(machine_info())}; fp32, forward+backward")
         print(format_table(rows))
 
 

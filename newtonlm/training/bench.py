@@ -2,12 +2,13 @@
 
 For each architecture at its demo preset: the trainer (``python -m newtonlm.training.train``, the
 real job: DeepSpeed engine, data pipeline, logging) with 1 and 2 processes, and a bare loop of the
-same model (random token batches of the same shape, forward + backward + clipping + AdamW step, no
-DeepSpeed, no data pipeline, no logging), each in a fresh process. Both time whole steps, from the
-end of one to the end of the next. Reported: median tokens/s and MFU over the steps after warm-up,
-the peak resident memory of the largest trainer process, and the trainer's overhead over the bare
-loop, 1 - trainer / bare, measured in ``--rounds`` back-to-back pairs (bare loop, then trainer) so
-that a load change on a shared machine shows up as spread between rounds instead of as overhead.
+same model (random token batches of the same shape, forward + backward + the trainer's optimizer
+step with clipping, no DeepSpeed, no data pipeline, no logging), each in a fresh process. Both time
+whole steps, from the end of one to the end of the next. Reported: median tokens/s and MFU over the
+steps after warm-up, the peak resident memory of the largest trainer process, and the trainer's
+overhead over the bare loop, 1 - trainer / bare, measured in ``--rounds`` back-to-back pairs (bare
+loop, then trainer) so that a load change on a shared machine shows up as spread between rounds
+instead of as overhead.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,14 +25,21 @@ from pathlib import Path
 
 import torch
 
+from ..machine import machine_info
+
 SRC = Path(__file__).resolve().parents[2]  # the directory holding the newtonlm package
 WARMUP = 3  # steps not measured (first-call compilation, allocator warm-up)
 
 
+def _overrides(arch: str, steps: int, seq_len: int, mbs: int) -> list[str]:
+    """The model and train overrides of both variants (the bare loop composes the same config)."""
+    return [f"model={arch}_demo", f"train.max_steps={steps}", f"train.seq_len={seq_len}",
+            f"train.micro_batch_size={mbs}"]
+
+
 def _trainer(arch: str, nproc: int, steps: int, seq_len: int, mbs: int, tok_cache: str,
              run_dir: Path) -> dict:
-    overrides = [f"model={arch}_demo", f"train.max_steps={steps}", f"train.seq_len={seq_len}",
-                 f"train.micro_batch_size={mbs}", "train.eval_every=0", f"train.save_every={steps}",
+    overrides = [*_overrides(arch, steps, seq_len, mbs), "train.eval_every=0", f"train.save_every={steps}",
                  "train.sample_tokens=0", "train.progress=false", "data.val_batches=1",
                  f"data.tokenizer.cache_dir={tok_cache}", "wandb=disabled", f"hydra.run.dir={run_dir}"]
     if nproc == 1:
@@ -58,13 +65,26 @@ def _trainer(arch: str, nproc: int, steps: int, seq_len: int, mbs: int, tok_cach
 
 
 def _bare_loop(arch: str, steps: int, seq_len: int, mbs: int, vocab: int) -> list[float]:
-    """Seconds per step of forward + backward + clipping + AdamW step on random tokens, one model
-    in this process (no DeepSpeed, no data pipeline, no logging)."""
-    from ..models import build_model, load_preset
+    """Seconds per step of forward + backward + optimizer step on random tokens, one model in this
+    process (no DeepSpeed, no data pipeline, no logging). Model and optimizer are the trainer's for
+    the same overrides: the composed preset, and ``build_optimizer`` (at ZeRO 0 a ``SkippingAdamW``
+    over the weight-decay groups, which clips at ``train.grad_clip`` as the trainer's step does)."""
+    from hydra import compose, initialize_config_dir
 
-    torch.manual_seed(0)
-    model = build_model(load_preset(f"{arch}_demo"), vocab)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    from ..models import build_model
+    from ..paths import CONFIG_DIR
+    from .config import load_settings, register_schemas
+    from .optim import build_optimizer
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=_overrides(arch, steps, seq_len, mbs))
+    train_cfg = load_settings(cfg)[0]
+    if train_cfg.zero_stage != 0:  # with ZeRO, DeepSpeed clips: this loop would time less work
+        raise ValueError(f"train.zero_stage={train_cfg.zero_stage}; the bare loop expects 0 (configs/train)")
+    torch.manual_seed(train_cfg.seed)
+    model = build_model(cfg.model, vocab)
+    opt = build_optimizer(model, train_cfg)
     times = []
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -72,8 +92,7 @@ def _bare_loop(arch: str, steps: int, seq_len: int, mbs: int, vocab: int) -> lis
         logits = model(input_ids=ids[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, vocab), ids[:, 1:].reshape(-1))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        opt.step()  # clipping included (SkippingAdamW)
         opt.zero_grad(set_to_none=True)
         loss.item()
         t1 = time.perf_counter()
@@ -157,8 +176,7 @@ def main(argv=None):
                 rows.append({"arch": arch, "nproc": nproc, **r})
                 if not args.json:
                     print(_fmt(rows[-1]), flush=True)
-    result = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                          "torch": torch.__version__, "threads": torch.get_num_threads()},
+    result = {"machine": machine_info(),
               "seq_len": args.seq_len, "micro_batch_size": args.micro_batch_size,
               "steps": args.steps, "warmup_steps": WARMUP, "rounds": args.rounds, "rows": rows}
     if args.json:

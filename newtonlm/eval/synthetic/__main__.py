@@ -10,7 +10,6 @@ command and the machine) and ``accuracy_vs_length.png`` into ``out_dir``. Config
 from __future__ import annotations
 
 import json
-import platform
 import shlex
 import sys
 import time
@@ -22,13 +21,13 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from ...machine import machine_info, machine_line
+from ...models import ARCHS
 from ...paths import CONFIG_DIR
 from ..plots import accuracy_vs_length
 from ..sizes import SizeConfig
 from .tasks import TASKS, TaskConfig
 from .train import TrainSettings, evaluate, train_model
-
-ARCHS = ("paragru", "paralstm", "llama", "mamba2")
 
 
 @dataclass
@@ -76,15 +75,14 @@ def run_suite(cfg: SyntheticConfig) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], cfg: SyntheticConfig, command: str, seconds: float) -> str:
+def markdown(rows: list[dict], cfg: SyntheticConfig, command: str, machine: str, seconds: float) -> str:
     lengths = cfg.eval_lengths
     head = " | ".join(f"{L}" + (" (beyond)" if L > cfg.train.max_len else "") for L in lengths)
     t = cfg.train
     lines = [
         f"# Synthetic suite `{cfg.name}`", "", "Produced by (from the repository root):", "",
         "```bash", command, "```", "",
-        f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{cfg.threads or 'default'} thread(s). Total {seconds / 60:.1f} min.", "",
+        f"Machine: {machine}. Total {seconds / 60:.1f} min.", "",
         f"Training: {t.steps} steps of {t.batch_size} sequences, lengths uniform in [{t.min_len}, "
         f"{t.max_len}], AdamW lr {t.lr}. Accuracy over the scored positions of {cfg.eval_samples} fresh "
         "sequences per length; in brackets the whole-sequence accuracy (every scored position right). "
@@ -111,7 +109,7 @@ def main(cfg: DictConfig) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     accuracy_vs_length(rows, cfg.train.max_len, out / "accuracy_vs_length.png")
-    md = markdown(rows, cfg, command, time.perf_counter() - t0)
+    md = markdown(rows, cfg, command, machine_line(machine_info()), time.perf_counter() - t0)
     (out / "results.md").write_text(md)
     print(md)
 

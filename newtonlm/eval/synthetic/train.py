@@ -8,12 +8,12 @@ cross-entropy on the scored positions only. Each step draws a fresh batch of one
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
 from newtonlm.models import build_model
 
@@ -24,8 +24,8 @@ from .tasks import IGNORE, TaskConfig, batch_rng, generate, min_length, vocab_si
 @dataclass
 class TrainSettings:
     """``steps`` optimizer steps of ``batch_size`` sequences, lengths uniform in ``[min_len,
-    max_len]``; AdamW (``lr``, ``weight_decay``), ``warmup_steps`` then cosine to 0.1 x lr,
-    ``grad_clip`` (0: off)."""
+    max_len]``; AdamW (``lr``, ``weight_decay``), ``warmup_steps`` then cosine to 0.1 x lr
+    (:func:`lr_schedule`), ``grad_clip`` (0: off)."""
 
     steps: int = 1000
     batch_size: int = 16
@@ -44,6 +44,17 @@ def _scored_loss(model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor,
     return loss, logits.argmax(-1)
 
 
+def lr_schedule(optimizer: torch.optim.Optimizer, settings: TrainSettings):
+    """Step k's rate: ``lr * k / warmup_steps`` during the warmup, then cosine from ``lr`` to 0.1 x
+    ``lr`` at ``steps``. The trainer's cosine schedule (``optim.build_scheduler`` with
+    ``min_lr_ratio=0.1``), taken from transformers directly: evaluation does not import training."""
+    if not 0 <= settings.warmup_steps <= settings.steps:
+        raise ValueError(f"warmup_steps={settings.warmup_steps}; expected 0 <= warmup_steps <= steps "
+                         f"(={settings.steps})")
+    return get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=settings.warmup_steps, num_training_steps=settings.steps, min_lr_rate=0.1)
+
+
 def train_model(task: str, task_cfg: TaskConfig, arch: str, size: SizeConfig, settings: TrainSettings,
                 seed: int = 0) -> tuple[torch.nn.Module, dict]:
     """A model of ``arch`` (``size``) trained on ``task``; returns (model in eval mode, info with
@@ -57,14 +68,7 @@ def train_model(task: str, task_cfg: TaskConfig, arch: str, size: SizeConfig, se
     torch.manual_seed(seed)
     model = build_model(model_fields(size, arch), vocab_size(task, task_cfg))
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.98), weight_decay=s.weight_decay)
-
-    def schedule(step: int) -> float:
-        if step < s.warmup_steps:
-            return (step + 1) / s.warmup_steps
-        progress = (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    sched = lr_schedule(opt, s)
     model.train()
     losses, t0 = [], time.perf_counter()
     for step in range(s.steps):
