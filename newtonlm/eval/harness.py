@@ -89,7 +89,8 @@ def run_lm_eval(model, tasks: list[str], tasks_dir: str | Path, limit: int | Non
     """Run lm_eval's ``simple_evaluate`` on ``tasks`` found in ``tasks_dir``; returns
     ``{task: {metric: value}}``. ``model``: a ``LoadedModel`` (evaluated through ``HFLM`` on the
     instance), or the string "hf" with ``model_args`` (lm_eval's own loading, as its CLI).
-    ``builtin_tasks``: also index lm_eval's own tasks (tens of seconds; off: only ``tasks_dir``)."""
+    ``builtin_tasks``: also index lm_eval's own task configs (all of them: slow, see docs/eval.md;
+    off: only ``tasks_dir``)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 

@@ -2,8 +2,8 @@
 
 * Transformer = ``LlamaForCausalLM``: RoPE, SwiGLU MLP, RMSNorm, SDPA attention.
 * Mamba2 = ``Mamba2ForCausalLM``: its fused kernels when they are installed on a GPU, its PyTorch
-  (chunked SSD) path otherwise. On CPU a ``chunk_size`` of 64 is markedly faster than the GPU
-  default of 256 (the chunk x chunk tensors are memory-bound there).
+  (chunked SSD) path otherwise. The demo preset sets ``chunk_size`` 64 for CPU, where the
+  chunk x chunk tensors are memory-bound, instead of the GPU default of 256 (docs/models.md).
 
 Both get the same vocabulary as the ParaRNN LMs (an argument, from the tokenizer), tied embeddings,
 and special-token ids left unset (the tokenizer sets them).

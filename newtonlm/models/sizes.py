@@ -1,9 +1,9 @@
 """Exact parameter counts of every preset: ``python -m newtonlm.models.sizes [--json] [--vocab V]``.
 
-Each model is built on the meta device (structure only, no memory; the 7B presets take well under
-a second each). Counts: total (the tied head counted once) and non-embedding (without the token
-embedding), at the reference vocabulary of each size (``presets.REFERENCE_VOCAB``) unless
-``--vocab`` is given; the last column compares the total with the Llama preset of the same size.
+Each model is built on the meta device (structure only, no memory). Counts: total (the tied head
+counted once) and non-embedding (without the token embedding), at the reference vocabulary of each
+size (``presets.REFERENCE_VOCAB``) unless ``--vocab`` is given; the last column compares the total
+with the Llama preset of the same size.
 """
 
 from __future__ import annotations
