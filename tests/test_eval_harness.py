@@ -71,7 +71,7 @@ def test_exported_paragru_under_lm_eval_hf_equals_the_in_process_runner(tasks_di
     """A one-step DeepSpeed run of a tiny ParaGRU, exported by the export command: lm_eval's `hf`
     model type with trust_remote_code gives finite numbers, equal to the in-process runner on the
     run directory (same weights, same max_length)."""
-    from newtonlm.training.export import export_checkpoint
+    from newtonlm.export import export_checkpoint
 
     run = tmp_path / "run"
     overrides = ["model=paragru_demo", "model.hidden_size=32", "model.num_hidden_layers=1",

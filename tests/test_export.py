@@ -1,6 +1,9 @@
-"""Export (issue 7): training checkpoints -> Hugging Face folders that load where newtonlm is absent.
+"""Export (``newtonlm.export``): training checkpoints -> Hugging Face folders that load where newtonlm is
+absent.
 
-One tiny training run per architecture (module-scoped, ~30-60 s), each at another ZeRO stage:
+Fast unit tests first: the run-directory reader against the trainer's ``Checkpoints``, the bundle's
+list of files against the imports of the kernel and model files, its string encoding and its loader.
+Then one tiny training run per architecture (module-scoped, ~30-60 s), each at another ZeRO stage:
 ParaGRU stage 0 (checkpoints at steps 1 and 2), ParaLSTM stage 2, Mamba2 stage 1, Llama stage 3
 sharded over 2 ranks. The exported folders are loaded in one fresh ``python -I`` subprocess (cwd
 outside the repo, ``HF_HUB_OFFLINE=1``, newtonlm and triton blocked on the meta path) and compared
@@ -22,7 +25,8 @@ import torch.nn.functional as F
 from helpers import start_process, start_trainer, wait_process
 from safetensors.torch import load_file
 
-from newtonlm.training import export as ex
+from newtonlm import export as ex
+from newtonlm.export import bundle, bundle_loader, source
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ["model.hidden_size=32", "model.num_hidden_layers=2", "train.max_steps=2", "train.seq_len=32",
@@ -47,6 +51,207 @@ BF16_ATOL = 0.15  # bf16 weights and activations vs fp32, logits of magnitude ~1
 TOKEN = "hf_exportTestSentinelToken0123456789"
 GEN_TOKENS = 8
 BF16 = ("paragru", "llama")
+
+# ---------------------------------------------------------------- the run-directory format (fast)
+
+
+class FakeEngine:
+    """Writes a checkpoint as DeepSpeed does at ZeRO stage 0, one rank: the module's state dict and
+    the client state in ``mp_rank_00_model_states.pt``."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        assert save_latest is False  # the trainer writes `latest` itself, after the COMPLETE marker
+        folder = Path(save_dir) / tag
+        folder.mkdir(parents=True)
+        torch.save({"module": self.model.state_dict(), "ds_config": {"zero_optimization": {"stage": 0}},
+                    "dp_world_size": 1, **client_state}, folder / "mp_rank_00_model_states.pt")
+
+
+def test_the_run_directory_reader_reads_what_the_trainers_checkpoints_write(tmp_path):
+    """The contract between newtonlm.training and newtonlm.export: checkpoint folder names, the
+    COMPLETE marker, which checkpoint is the newest complete one, the client state."""
+    from newtonlm.training import checkpoint
+
+    assert source.MARKER == checkpoint.MARKER
+    for step in (0, 1, 7, 300, 12_345_678):
+        assert source.tag_for(step) == checkpoint.tag_for(step)
+    run = tmp_path / "run"
+    (run / "tokenizer").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: {}\n")
+    model = torch.nn.Linear(3, 2)
+    ckpts = checkpoint.Checkpoints(run / "checkpoints", keep_last=2, is_main=True)
+    config = {"model": {"arch": "paragru"}, "train": {"zero_stage": 0, "seq_len": 16}}
+    weights = {}
+    for step in (100, 200, 300, 400):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        weights[step] = model.weight.detach().clone()
+        client = {"step": step, "tokens_seen": 64 * step, "skipped_total": 0, "consecutive_skips": 0,
+                  "world_size": 1, "config": config, "data": [{}], "rng": [{}]}  # the keys train.py saves
+        if step == 400:  # a save that crashed before the marker: DeepSpeed's files, no COMPLETE
+            FakeEngine(model).save_checkpoint(ckpts.root, checkpoint.tag_for(step), client, False)
+        else:
+            ckpts.save(FakeEngine(model), step, client)
+    (run / "checkpoints" / "step_12").mkdir()  # not a checkpoint folder name
+    assert source.is_run_dir(run) and not source.is_run_dir(run / "checkpoints")
+    assert [t for _, t in source.checkpoint_tags(ckpts.root)] == ckpts.all_tags() == [
+        "step_00000200", "step_00000300", "step_00000400"]  # keep_last=2 pruned step 100
+    assert source.complete_checkpoints(ckpts.root) == ckpts.complete() == [(200, "step_00000200"),
+                                                                            (300, "step_00000300")]
+    got = source.read_checkpoint(run)
+    assert (got.tag, got.step, got.tokens_seen, got.zero_stage, got.world_size) == (
+        ckpts.latest_complete(), 300, 19_200, 0, 1)
+    assert got.config == config and torch.equal(got.state_dict["weight"], weights[300])
+    assert (run / "checkpoints" / "latest").read_text() == got.tag  # DeepSpeed's pointer agrees
+    assert torch.equal(source.read_checkpoint(run, step=200).state_dict["weight"], weights[200])
+    with pytest.raises(source.ExportError, match="step_00000400 is partial"):
+        source.read_checkpoint(run, step=400)
+    with pytest.raises(source.ExportError, match=r"tokenizer.*holds no saved tokenizer"):
+        source.read_tokenizer(run)
+
+
+def test_export_and_eval_never_import_the_trainer():
+    """Layering: newtonlm.export reads run directories on its own; eval reads them through export."""
+    import ast
+
+    banned = {"export": ("newtonlm.training", "newtonlm.eval"), "eval": ("newtonlm.training",)}
+    for part, names in banned.items():
+        for file in sorted((REPO / "newtonlm" / part).rglob("*.py")):
+            package = ".".join(file.relative_to(REPO).parent.parts)
+            for node in ast.walk(ast.parse(file.read_text())):
+                if isinstance(node, ast.ImportFrom):
+                    base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+                    modules = [".".join(p for p in (base, node.module) if p)]
+                    modules += [f"{modules[0]}.{a.name}" for a in node.names]
+                elif isinstance(node, ast.Import):
+                    modules = [a.name for a in node.names]
+                else:
+                    continue
+                bad = [m for m in modules if any(m == n or m.startswith(n + ".") for n in names)]
+                assert not bad, f"{file.relative_to(REPO)} line {node.lineno} imports {bad}"
+
+
+def test_the_command_is_python_m_newtonlm_export():
+    out = subprocess.run([sys.executable, "-m", "newtonlm.export", "--help"], capture_output=True, text=True,
+                         cwd=REPO, timeout=300)
+    assert out.returncode == 0 and out.stdout.startswith("usage: python -m newtonlm.export"), out.stderr
+
+
+# ---------------------------------------------------------------- the bundle (fast)
+
+
+def test_the_bundle_list_covers_every_import_of_the_bundled_files():
+    bundle.check_sources()  # raises BundleError naming file, line and import otherwise
+
+
+def _source_copy(tmp_path: Path) -> tuple[Path, Path]:
+    kernels, models = tmp_path / "kernels", tmp_path / "models"
+    shutil.copytree(REPO / "newtonlm" / "kernels", kernels)
+    models.mkdir()
+    for name in bundle.MODEL_FILES:
+        shutil.copy(REPO / "newtonlm" / "models" / name, models / name)
+    return kernels, models
+
+
+def test_an_import_the_bundle_does_not_cover_is_a_clear_error(tmp_path):
+    kernels, models = _source_copy(tmp_path)
+    with open(kernels / "function.py", "a") as fh:  # new imports at the end of two bundled files
+        fh.write("\n\ndef _later():\n    from . import minimal  # noqa\n    import einops  # noqa\n")
+    with open(models / "modeling_pararnn.py", "a") as fh:
+        fh.write("\nfrom newtonlm.models.flops import flops_per_token  # noqa\n"
+                 "from .flops import x  # noqa\n")
+    with open(kernels / "scan.py", "a") as fh:
+        fh.write("\nfrom newtonlm.kernels.cells import DIAG as _D  # noqa\n")
+    (kernels / "reference.py").unlink()
+    with pytest.raises(bundle.BundleError) as err:
+        bundle.check_sources(kernels, models)
+    message = str(err.value)
+    lines = len((kernels / "function.py").read_text().splitlines())
+    for expected in (
+        f"newtonlm/kernels/function.py line {lines - 1} imports newtonlm.kernels.minimal, which is not in "
+        "the bundle: add 'minimal.py' to newtonlm.export.bundle.KERNEL_FILES",
+        f"newtonlm/kernels/function.py line {lines} imports einops, which a user of an exported model may "
+        "not have",
+        "newtonlm/kernels/reference.py is listed in newtonlm.export.bundle.KERNEL_FILES but does not exist",
+        "newtonlm/kernels/scan.py line", "imports newtonlm.kernels.cells by its absolute name",
+        "newtonlm/models/modeling_pararnn.py line", "imports newtonlm.models.flops; the modeling files may "
+        "import from newtonlm only 'from newtonlm.kernels import ...'",
+        "imports '.flops', which an exported model does not ship",
+    ):
+        assert expected in message, message
+
+
+def test_text_literal_round_trips_and_hides_relative_imports_from_the_hub_loader(tmp_path):
+    from transformers.dynamic_module_utils import get_imports, get_relative_imports
+
+    texts = ["from .cells import X\n  from . import cpu_ext\n\timport .x\nfromage = 1\n",
+             "a\\nb \\x66 '''q''''", "ends with a quote'", "two''",
+             "\r\n\x00\x0c\x1b tab\t é ✓", "from\n.cells import X", ""]
+    files = {}
+    for i, text in enumerate(texts):
+        literal = bundle.text_literal(text)
+        assert ast_literal(literal) == text
+        files[f"t{i}"] = literal
+    module = tmp_path / "m.py"
+    module.write_text("".join(f"{k} = {v}\n" for k, v in files.items()) + "from .real import y\n")
+    assert get_relative_imports(module) == ["real"] and get_imports(module) == []
+
+
+def ast_literal(literal: str):
+    import ast
+
+    return ast.literal_eval(literal)
+
+
+def test_the_bundle_loader_runs_the_kernel_files_unchanged(tmp_path, monkeypatch):
+    """newtonlm_kernels.py as written into an exported folder, imported here twice (as transformers
+    imports it once per modeling file): one package, its files byte-identical to newtonlm/kernels, and
+    its layers compute what newtonlm.kernels computes."""
+    import importlib.util
+
+    import newtonlm.kernels as nk
+
+    monkeypatch.setenv("NEWTONLM_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "newtonlm_kernels.py").write_text(bundle.kernel_module_source(REPO / "newtonlm" / "kernels"))
+    modules = []
+    try:
+        for name in ("bundle_copy_a", "bundle_copy_b"):
+            spec = importlib.util.spec_from_file_location(name, tmp_path / "newtonlm_kernels.py")
+            modules.append(importlib.util.module_from_spec(spec))
+            spec.loader.exec_module(modules[-1])
+        a, b = modules
+        package = sys.modules[bundle_loader.package_name(a.FILES)]
+        assert a._package is b._package is package and a.ParaGRU is b.ParaGRU
+        folder = Path(package.__file__).parent
+        assert folder == tmp_path / "cache" / "bundles" / package.__name__
+        assert set(a.FILES) == set(bundle.KERNEL_FILES)
+        for rel in bundle.KERNEL_FILES:
+            assert (folder / rel).read_bytes() == (REPO / "newtonlm" / "kernels" / rel).read_bytes(), rel
+        assert set(a.__all__) == set(nk.__all__) and a.ParaGRU is not nk.ParaGRU
+        x = torch.randn(2, 40, 16, generator=torch.Generator().manual_seed(0))
+        for cls in ("ParaGRU", "ParaLSTM"):
+            ours, theirs = (getattr(m, cls)(input_dim=16, state_dim=16, num_heads=2, init="lm")
+                            for m in (nk, a))
+            theirs.load_state_dict(ours.state_dict())
+            for mode in ("sequential", "parallel"):
+                outputs = []
+                for layer in (ours, theirs):
+                    layer.mode, xg = mode, x.clone().requires_grad_()
+                    h = layer(xg)
+                    h.square().sum().backward()
+                    outputs.append((h.detach(), xg.grad))
+                assert all(torch.equal(o, t) for o, t in zip(*outputs)), (cls, mode)
+        # a damaged cached copy is replaced
+        (folder / "cells.py").write_text("raise SystemExit('tampered')\n")
+        assert bundle_loader.extract(a.FILES, package.__name__) == folder
+        assert (folder / "cells.py").read_bytes() == (REPO / "newtonlm" / "kernels" / "cells.py").read_bytes()
+    finally:
+        for key in [k for k in sys.modules if k.startswith(bundle_loader.PREFIX)]:
+            del sys.modules[key]
+
 
 CHECK_SCRIPT = r'''
 """Load exported folders as a user without newtonlm would; save logits, generations, facts.
@@ -101,8 +306,14 @@ def repo_modules():
     return sorted(f for f in files if f.startswith(job["repo_pkg"]))
 
 
+def bundled(module):
+    """The kernel bundle's copies of ``module`` (package newtonlm_kernels_<hash>) that were imported."""
+    return [m for n, m in sys.modules.items()
+            if n.startswith("newtonlm_kernels_") and n.endswith("." + module)]
+
+
 def fused_loaded():
-    return any(n.endswith(".newtonlm_kernels_triton_fused") for n in sys.modules)
+    return bool(bundled("triton_fused"))
 
 
 for item in job["items"]:
@@ -110,8 +321,8 @@ for item in job["items"]:
 summary = {"blocked_loaded": sorted(n for n in sys.modules if n.split(".")[0] in blocked),
            "repo_modules": repo_modules(),
            "repo_on_path": [p for p in sys.path if p in (job["repo"], "")],
-           "cpu_ext": sorted({m.status() for n, m in sys.modules.items()
-                              if n.endswith(".newtonlm_kernels_cpu_ext")}),
+           "cpu_ext": sorted({m.status() for m in bundled("cpu_ext")}),
+           "bundle_files": sorted({m.__file__ for m in bundled("cpu_ext")}),
            "triton_fused_loaded": fused_loaded()}
 blocked.discard("triton")
 os.environ["TRITON_INTERPRET"] = "1"  # read when the Triton kernels are defined, i.e. imported
@@ -281,8 +492,8 @@ def test_folder_holds_config_weights_tokenizer_card(arch, exported, references, 
         cls = {"paragru": "ParaGRU", "paralstm": "ParaLSTM"}[arch]
         assert config["auto_map"] == {"AutoConfig": f"configuration_pararnn.{cls}Config",
                                       "AutoModelForCausalLM": f"modeling_pararnn.{cls}ForCausalLM"}
-        assert {"modeling_pararnn.py", "configuration_pararnn.py", "newtonlm_kernels.py",
-                "newtonlm_kernels_csrc.py", "newtonlm_kernels_triton_fused.py"} <= names
+        assert {n for n in names if n.endswith(".py")} == {"modeling_pararnn.py", "configuration_pararnn.py",
+                                                           "newtonlm_kernels.py"}
     else:
         assert "auto_map" not in config and not any(n.endswith(".py") for n in names)
     weights = load_file(folder / "model.safetensors")
@@ -340,8 +551,12 @@ def test_isolated_process_used_no_newtonlm_and_no_triton(loaded):
     assert loaded["blocked_loaded"] == [] and loaded["repo_modules"] == [] and loaded["repo_on_path"] == []
     assert loaded["cpu_ext"] == ["loaded"]  # the bundled C source compiled in a fresh cache
     assert not loaded["triton_fused_loaded"]
+    # one kernel package for every folder and both copies of newtonlm_kernels.py, from the fresh cache
+    files = loaded["bundle_files"]
+    assert len(files) == 1 and "/newtonlm-cache/bundles/newtonlm_kernels_" in files[0], files
     for arch in REMOTE:  # the Hub loader's dependency check passes for every file without triton
-        assert len(loaded["results"][arch]["checked_imports"]) == 13
+        assert loaded["results"][arch]["checked_imports"] == [
+            "configuration_pararnn.py", "modeling_pararnn.py", "newtonlm_kernels.py"]
 
 
 @pytest.mark.parametrize("arch", BF16)
@@ -387,7 +602,7 @@ def test_bundled_triton_kernels_run_under_the_interpreter(loaded, references):
 
 
 def test_card_shows_eval_json_of_the_exported_checkpoint_only(tmp_path):
-    from newtonlm.training.export_card import evaluation_table
+    from newtonlm.export.card import evaluation_table
 
     result = {"source": f"{tmp_path}/private/run (step_00000300)", "eval_len": 512, "tokens": 20480,
               "loss": 1.5, "ppl": 4.4816890703380645, "bits_per_byte": 0.5123, "curve": [{"loss": 1.0}]}
@@ -473,12 +688,12 @@ def test_existing_output_needs_overwrite_and_failures_leave_nothing(runs, tmp_pa
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     err = _fails(capsys, "--checkpoint", runs["paragru"], "--out", runs["paragru"].parent, "--overwrite")
     assert "would replace the training run" in err
-    from newtonlm.training import export_card
+    from newtonlm.export import card
 
     def broken_card(*args, **kwargs):
         raise RuntimeError("disk full while writing the card")
 
-    monkeypatch.setattr(export_card, "model_card", broken_card)
+    monkeypatch.setattr(card, "model_card", broken_card)
     with pytest.raises(RuntimeError, match="disk full"):
         _export("--checkpoint", runs["paragru"], "--out", tmp_path / "new")
     with pytest.raises(RuntimeError, match="disk full"):

@@ -1,9 +1,9 @@
 """Load a model to evaluate: a training run (DeepSpeed checkpoint) or a Hugging Face folder.
 
 * Run directory (``python -m newtonlm.training.train`` output): the newest complete checkpoint (or
-  the one of a given step), any ZeRO stage, read and consolidated by the export command's code; the
-  model preset and the training sequence length come from the config saved in the checkpoint, the
-  tokenizer from ``tokenizer/``.
+  the one of a given step), any ZeRO stage, read and consolidated by ``newtonlm.export`` (the one
+  reader of run directories); the model preset and the training sequence length come from the config
+  saved in the checkpoint, the tokenizer from ``tokenizer/``.
 * Hugging Face folder (``save_pretrained`` / the export command): ``config.json`` + weights +
   tokenizer files; loaded with ``AutoModelForCausalLM`` (newtonlm's model types are registered by
   importing ``newtonlm.models``, so no remote code is needed here). Its context length is the config's
@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from newtonlm.export import is_run_dir
 
 RECURRENT_TYPES = ("paragru", "paralstm", "pararnn", "mamba2")
 
@@ -37,20 +39,14 @@ class LoadedModel:
     source: str
 
 
-def is_run_dir(path: Path) -> bool:
-    return (path / "config.yaml").is_file() and (path / "checkpoints").is_dir()
-
-
 def load_run(run_dir: Path, step: int | None = None) -> tuple[torch.nn.Module, object, str, int, str]:
     """(model, tokenizer, arch, training seq_len, checkpoint tag) of a run directory, fp32 weights.
-    The checkpoint is read, consolidated and loaded by the export command's code
-    (``newtonlm.training.export_source.read_checkpoint``, ``export.build_exported_model``)."""
-    from newtonlm.data import load_tokenizer
-    from newtonlm.training.export import build_exported_model
-    from newtonlm.training.export_source import read_checkpoint
+    The checkpoint is read, consolidated and loaded by the export's code
+    (``newtonlm.export.read_checkpoint``, ``read_tokenizer``, ``build_exported_model``)."""
+    from newtonlm.export import build_exported_model, read_checkpoint, read_tokenizer
 
     ckpt = read_checkpoint(run_dir, step)
-    tokenizer = load_tokenizer(str(run_dir / "tokenizer"))
+    tokenizer = read_tokenizer(ckpt.run_dir)
     model, _ = build_exported_model(ckpt, tokenizer, "fp32")
     return model, tokenizer, ckpt.arch, int(ckpt.config["train"]["seq_len"]), ckpt.tag
 

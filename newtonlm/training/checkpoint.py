@@ -1,18 +1,33 @@
 """Checkpoints: DeepSpeed's ``save_checkpoint`` plus a completeness marker, keep-last-K, resume.
 
-Layout under ``<run_dir>/checkpoints/``: one folder per tag ``step_00000100`` written by DeepSpeed
-(model/optimizer states; ``client_state`` holds the step, tokens seen, every rank's data-loader and
-RNG states and the resolved config), ``<tag>/COMPLETE`` and the ``latest`` file (DeepSpeed's format:
-the newest tag), both written by rank 0 after every rank finished the save.
+The run directory (``hydra.run.dir``) is the trainer's output and the only contract between training
+and its readers (``newtonlm.export``, and through it ``newtonlm.eval``), which read it without
+importing the trainer. Its format, owned by this module and ``train.py``:
+
+* ``config.yaml``: the resolved training config (``model``, ``data``, ``train``, ...);
+* ``tokenizer/``: the run's tokenizer (``save_pretrained``; holds ``tokenizer_config.json``);
+* ``metrics.jsonl``: one JSON object per line; validation records have ``"kind": "val"``, ``step``,
+  ``val_loss``, ``val_ppl``, ``val_tokens`` (and ``"final": true`` for the one at the end);
+* ``checkpoints/step_NNNNNNNN/``: one folder per saved optimizer step (tag: ``step_`` + the step in 8
+  digits, :func:`tag_for`), written by DeepSpeed (``mp_rank_00_model_states.pt`` or, under ZeRO-3,
+  ``zero_pp_rank_<r>_mp_rank_00_model_states.pt`` per rank, and ``*_optim_states.pt`` shards under
+  ZeRO 1-3). The model-states file carries the client state: ``step``, ``tokens_seen``,
+  ``world_size``, ``config`` (the resolved config again), ``skipped_total``, ``consecutive_skips``,
+  and every rank's ``data`` (loader position) and ``rng`` states;
+* ``checkpoints/step_NNNNNNNN/COMPLETE`` (:data:`MARKER`, JSON ``{"step", "time"}``): the checkpoint
+  is complete; a folder without it is a save that did not finish and is never read;
+* ``checkpoints/latest``: DeepSpeed's pointer, the newest complete tag.
 
 Crash safety: a save first removes any older folder of the same tag (a leftover of a crashed save,
 or of an abandoned branch of the run), DeepSpeed writes the files without touching ``latest``, and
-only after a barrier does rank 0 write ``COMPLETE`` and then ``latest`` (atomically, by rename). A
-crash at any point leaves a folder without ``COMPLETE`` and ``latest`` on the previous complete
-checkpoint, for newtonlm's resume (which only considers folders with the marker) and for
-DeepSpeed's own tools (``zero_to_fp32``, ``load_checkpoint`` without a tag) alike. Pruning keeps the
-newest ``keep_last`` complete checkpoints, never removes the one ``latest`` names, and removes
-incomplete folders older than the newest complete one.
+only after a barrier does rank 0 write ``COMPLETE`` and then ``latest`` (atomically, by rename), both
+after every rank finished the save. A crash at any point leaves a folder without ``COMPLETE`` and
+``latest`` on the previous complete checkpoint, for newtonlm's resume and export (which only
+consider folders with the marker) and for DeepSpeed's own tools (``zero_to_fp32``,
+``load_checkpoint`` without a tag) alike. Pruning keeps the newest ``keep_last`` complete
+checkpoints, never removes the one ``latest`` names, and removes incomplete folders older than the
+newest complete one. ``tests/test_export.py`` checks that the export's reader reads what
+:class:`Checkpoints` writes.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from .export_source import Checkpoint
+from .source import Checkpoint
 
 ARCH_TEXT = {
     "paragru": ("ParaGRU", "ParaRNN language model with the ParaGRU cell (a GRU with diagonal recurrence), "
@@ -175,7 +175,7 @@ def model_card(ckpt: Checkpoint, params: dict, vocab: int, dtype: str, name: str
              "tags:", *[f"- {t}" for t in tags], "---", "",
              f"# {title} language model ({params['total']:,} parameters)", "",
              description + " Trained with newtonlm and exported from its DeepSpeed checkpoint with "
-             "`python -m newtonlm.training.export`.", "",
+             "`python -m newtonlm.export`.", "",
              "## Model", "", _table(_model_rows(ckpt, params, vocab, dtype)), "",
              "## Training data", "", *_data_lines(ckpt.config), "",
              "## Training", "", _table(_training_rows(ckpt)), "", "## Evaluation", ""]

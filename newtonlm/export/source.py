@@ -1,9 +1,15 @@
-"""The export's input: a training checkpoint, located, validated and consolidated to one fp32 state dict.
+"""The export's input: a training run directory, read on its own terms (no import of the trainer).
 
-``read_checkpoint(path, step=None)`` accepts a run directory (``<run>/checkpoints/step_NNNNNNNN``
-folders written by ``newtonlm.training.train``) or one of its checkpoint folders, picks the newest
-complete checkpoint (or the one of ``step``), reads its client state (step, tokens seen, resolved
-config) and consolidates the weights:
+The run-directory format is the trainer's and is documented in one place, the docstring of
+``newtonlm/training/checkpoint.py``; this module reads it: ``checkpoints/step_NNNNNNNN/`` folders
+(tag = 8-digit optimizer step), complete when they hold the ``COMPLETE`` marker; DeepSpeed's files in
+them, whose model-states file carries the trainer's client state (``step``, ``tokens_seen``,
+``world_size``, ``config`` = the resolved training config); ``config.yaml`` and ``tokenizer/`` at the
+top. ``tests/test_export.py`` checks that this reader and the trainer's ``Checkpoints`` agree.
+
+``read_checkpoint(path, step=None)`` accepts a run directory or one of its checkpoint folders, picks
+the newest complete checkpoint (or the one of ``step``), reads its client state and consolidates the
+weights to one fp32 state dict:
 
 * ZeRO stage 0: the DeepSpeed model-states file already holds the full module state dict;
 * ZeRO stages 1-3 (any world size): DeepSpeed's own ``zero_to_fp32`` merges the fp32 master weights
@@ -17,15 +23,46 @@ expected. The checkpoint files are pickles (DeepSpeed's format): read only check
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .checkpoint import MARKER, Checkpoints, tag_for
-
+# the run-directory format (owned and written by newtonlm/training/checkpoint.py and train.py)
+CHECKPOINTS = "checkpoints"
+MARKER = "COMPLETE"
+TAG = re.compile(r"^step_(\d{8})$")
 CLIENT_KEYS = ("step", "tokens_seen", "config")
+CONFIG_FILE = "config.yaml"
+TOKENIZER_DIR = "tokenizer"
+
+
+def tag_for(step: int) -> str:
+    """The checkpoint folder name of optimizer step ``step``."""
+    return f"step_{step:08d}"
+
+
+def checkpoint_tags(root: Path) -> list[tuple[int, str]]:
+    """(step, tag) of every checkpoint folder under ``root`` (``<run>/checkpoints``), complete or not,
+    by step."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p.name) for p in root.iterdir() if p.is_dir() and (m := TAG.match(p.name))]
+    return sorted(found)
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, str]]:
+    """(step, tag) of the complete checkpoints under ``root`` (those holding the marker), by step."""
+    return [(s, t) for s, t in checkpoint_tags(root) if (Path(root) / t / MARKER).is_file()]
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` looks like a training run directory (``config.yaml`` and ``checkpoints/``)."""
+    path = Path(path)
+    return (path / CONFIG_FILE).is_file() and (path / CHECKPOINTS).is_dir()
 
 
 class ExportError(ValueError):
@@ -48,7 +85,7 @@ class Checkpoint:
 
     @property
     def path(self) -> Path:
-        return self.run_dir / "checkpoints" / self.tag
+        return self.run_dir / CHECKPOINTS / self.tag
 
     @property
     def arch(self) -> str:
@@ -69,31 +106,31 @@ def locate(path: str | Path, step: int | None = None) -> tuple[Path, str]:
         raise ExportError(f"checkpoint path {path} does not exist or is not a directory; expected a run "
                           "directory of newtonlm.training.train (with checkpoints/ inside) or one of its "
                           "checkpoints/step_NNNNNNNN folders")
-    if path.name == "checkpoints" and not (path / "checkpoints").is_dir():
+    if path.name == CHECKPOINTS and not (path / CHECKPOINTS).is_dir():
         path = path.parent  # the checkpoints/ folder itself: its run directory
-    if path.parent.name == "checkpoints" and path.name.startswith("step_"):
+    if path.parent.name == CHECKPOINTS and path.name.startswith("step_"):
         run_dir, chosen = path.parent.parent, path.name
         if step is not None and tag_for(step) != chosen:
             raise ExportError(f"--step {step} contradicts the checkpoint folder {path}; pass one of them")
     else:
         run_dir, chosen = path, None if step is None else tag_for(step)
-    ckpts = Checkpoints(run_dir / "checkpoints", keep_last=1, is_main=False)
-    if not ckpts.root.is_dir():
-        raise ExportError(f"{run_dir} has no checkpoints/ folder; expected a run directory written by "
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        raise ExportError(f"{run_dir} has no {CHECKPOINTS}/ folder; expected a run directory written by "
                           "newtonlm.training.train")
-    complete = ckpts.complete()
+    complete = complete_checkpoints(root)
     if chosen is None:
         if not complete:
-            found = sorted(p.name for p in ckpts.root.glob("step_*") if p.is_dir())
+            found = sorted(p.name for p in root.glob("step_*") if p.is_dir())
             detail = (f"only incomplete ones (no {MARKER} marker: the save did not finish): {found}"
                       if found else "none at all")
-            raise ExportError(f"no complete checkpoint in {ckpts.root} ({detail})")
+            raise ExportError(f"no complete checkpoint in {root} ({detail})")
         return run_dir, complete[-1][1]
-    if not (ckpts.root / chosen).is_dir():
-        raise ExportError(f"no checkpoint {chosen} in {ckpts.root}; complete checkpoints are at steps "
+    if not (root / chosen).is_dir():
+        raise ExportError(f"no checkpoint {chosen} in {root}; complete checkpoints are at steps "
                           f"{_steps(complete)}")
-    if not (ckpts.root / chosen / MARKER).is_file():
-        raise ExportError(f"checkpoint {ckpts.root / chosen} is partial (no {MARKER} marker: the save did "
+    if not (root / chosen / MARKER).is_file():
+        raise ExportError(f"checkpoint {root / chosen} is partial (no {MARKER} marker: the save did "
                           f"not finish); complete checkpoints are at steps {_steps(complete)}")
     return run_dir, chosen
 
@@ -171,9 +208,23 @@ def consolidate(tag_dir: Path, state: dict) -> tuple[dict[str, torch.Tensor], in
 def read_checkpoint(path: str | Path, step: int | None = None) -> Checkpoint:
     """Locate (see :func:`locate`), validate and consolidate a training checkpoint."""
     run_dir, tag = locate(path, step)
-    tag_dir = run_dir / "checkpoints" / tag
+    tag_dir = run_dir / CHECKPOINTS / tag
     state = _read_client_state(tag_dir)
     sd, zero_stage, world_size = consolidate(tag_dir, state)
     return Checkpoint(run_dir=run_dir, tag=tag, step=int(state["step"]),
                       tokens_seen=int(state["tokens_seen"]), zero_stage=zero_stage, world_size=world_size,
                       config=state["config"], state_dict=sd)
+
+
+def read_tokenizer(run_dir: str | Path):
+    """The tokenizer the trainer saved in ``<run>/tokenizer/``."""
+    from newtonlm.data import load_tokenizer
+
+    path = Path(run_dir) / TOKENIZER_DIR
+    if not (path / "tokenizer_config.json").is_file():
+        raise ExportError(f"{path} holds no saved tokenizer (tokenizer_config.json); expected the "
+                          f"{TOKENIZER_DIR}/ folder the trainer writes into the run directory")
+    try:
+        return load_tokenizer(str(path))
+    except ValueError as err:
+        raise ExportError(f"the run's tokenizer at {path} could not be loaded: {err}") from err
