@@ -46,11 +46,11 @@ def _scored_loss(model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor,
 
 def lr_schedule(optimizer: torch.optim.Optimizer, settings: TrainSettings):
     """Step k's rate: ``lr * k / warmup_steps`` during the warmup, then cosine from ``lr`` to 0.1 x
-    ``lr`` at ``steps``. The trainer's cosine schedule (``optim.build_scheduler`` with
-    ``min_lr_ratio=0.1``), taken from transformers directly: evaluation does not import training."""
-    if not 0 <= settings.warmup_steps <= settings.steps:
-        raise ValueError(f"warmup_steps={settings.warmup_steps}; expected 0 <= warmup_steps <= steps "
-                         f"(={settings.steps})")
+    ``lr`` at ``steps`` (a warmup longer than the run never reaches ``lr``). The trainer's cosine
+    schedule (``optim.build_scheduler`` with ``min_lr_ratio=0.1``), taken from transformers directly:
+    evaluation does not import training."""
+    if settings.warmup_steps < 0:
+        raise ValueError(f"warmup_steps={settings.warmup_steps}; expected an integer >= 0")
     return get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, num_warmup_steps=settings.warmup_steps, num_training_steps=settings.steps, min_lr_rate=0.1)
 
