@@ -68,9 +68,9 @@ def test_factory_on_the_bundled_corpus():
     tok = tiny_tokenizer()  # any tokenizer works; the real run trains one on the corpus
     train, val = build_dataloaders(cfg, tok, seq_len=32, micro_batch_size=4, rank=0, world_size=1, seed=0)
     batch = next(iter(train))
-    assert batch["input_ids"].shape == batch["labels"].shape == (4, 32)
+    assert batch["input_ids"].shape == batch["targets"].shape == (4, 32)
     assert batch["input_ids"].dtype == torch.int64
-    assert torch.equal(batch["labels"][:, :-1], batch["input_ids"][:, 1:])
+    assert torch.equal(batch["targets"][:, :-1], batch["input_ids"][:, 1:])
     first, second = list(val), list(val)
     assert len(first) == len(val) == 3
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, second))

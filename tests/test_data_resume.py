@@ -27,8 +27,8 @@ def mixture_config(tmp_path, **kw) -> DataConfig:
 def assert_same_batches(got, expected):
     assert len(got) == len(expected)
     for a, b in zip(got, expected):
-        assert set(a) == {"input_ids", "labels"}
-        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+        assert set(a) == {"input_ids", "targets"}
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["targets"], b["targets"])
 
 
 def resume_matches(make, k, tmp_path):
@@ -99,7 +99,7 @@ def test_worker_dataset_pickles_for_spawn_start_methods(tmp_path):
     take(loader, 2)
     dataset = StreamDataset(loader.spec, B, 0, 1, 1, loader.state_dict()["workers"], rotation=0)
     copy = pickle.loads(pickle.dumps(dataset))
-    batches = [{k: b[k] for k in ("input_ids", "labels")} for b in islice(copy, 4)]
+    batches = [{k: b[k] for k in ("input_ids", "targets")} for b in islice(copy, 4)]
     assert_same_batches(batches, take(loader, 4))
 
 

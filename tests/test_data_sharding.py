@@ -13,9 +13,9 @@ T, WORLD, WORKERS = 16, 2, 2
 def rows_of(loader) -> list[tuple[int, ...]]:
     out = []
     for batch in loader:
-        assert batch["input_ids"].dtype == batch["labels"].dtype == torch.int64
-        assert (batch["labels"][:, :-1] == batch["input_ids"][:, 1:]).all()
-        full = np.concatenate([batch["input_ids"].numpy(), batch["labels"].numpy()[:, -1:]], axis=1)
+        assert batch["input_ids"].dtype == batch["targets"].dtype == torch.int64
+        assert (batch["targets"][:, :-1] == batch["input_ids"][:, 1:]).all()
+        full = np.concatenate([batch["input_ids"].numpy(), batch["targets"].numpy()[:, -1:]], axis=1)
         out += [tuple(r) for r in full.tolist()]
     return out
 

@@ -75,7 +75,7 @@ def test_unshuffled_shard_loader_equals_the_streaming_loader(prepared):
     cfg.format = "stream"
     streamed = take(build_loader(cfg, tok, 16, 4, shuffle=False, num_workers=0), 20)
     for a, b in zip(from_shards, streamed):
-        assert a["input_ids"].equal(b["input_ids"]) and a["labels"].equal(b["labels"])
+        assert a["input_ids"].equal(b["input_ids"]) and a["targets"].equal(b["targets"])
 
 
 def test_start_up_checks(prepared, tmp_path):

@@ -11,7 +11,7 @@ The trainer's API::
     train_loader, val_loader = build_dataloaders(
         cfg, tokenizer, seq_len, micro_batch_size, rank, world_size, seed, model_vocab_size=vocab_size)
     for batch in train_loader:                           # endless
-        batch["input_ids"], batch["labels"]              # LongTensor [B, T]; labels = inputs shifted by 1
+        batch["input_ids"], batch["targets"]             # LongTensor [B, T]; targets = the next tokens
         ...
         checkpoint["data"] = train_loader.state_dict()   # per rank
     train_loader.load_state_dict(checkpoint["data"])     # next batch == the uninterrupted one

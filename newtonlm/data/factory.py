@@ -84,8 +84,9 @@ def build_dataloaders(cfg: DataConfig | Any, tokenizer, seq_len: int, micro_batc
     train_loader: endless, shuffled per ``cfg`` and ``seed``, resumable (``state_dict`` /
     ``load_state_dict``); val_loader: the same ``cfg.val_batches`` batches on every iteration
     (unshuffled, independent of ``seed``, no workers), or None when ``val_fraction`` or
-    ``val_batches`` is 0. Batches: ``{"input_ids": LongTensor [B, T], "labels": LongTensor [B, T]}``
-    with B = micro_batch_size, T = seq_len.
+    ``val_batches`` is 0. Batches: ``{"input_ids": LongTensor [B, T], "targets": LongTensor [B, T]}``
+    with B = micro_batch_size, T = seq_len; targets are the next tokens (already shifted, see
+    ``ResumableLoader``).
     """
     cfg = load_data_config(cfg)
     common = dict(rank=rank, world_size=world_size, model_vocab_size=model_vocab_size)

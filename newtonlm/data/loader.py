@@ -32,7 +32,7 @@ def _identity(batch):
 
 
 class StreamDataset(IterableDataset):
-    """The batches of one worker: ``{"input_ids": int64 [B, T], "labels": int64 [B, T]}`` plus the
+    """The batches of one worker: ``{"input_ids": int64 [B, T], "targets": int64 [B, T]}`` plus the
     bookkeeping keys ``_worker`` (logical worker index) and ``_state`` (its pipeline state).
     DataLoader worker ``i`` plays logical worker ``(i + rotation) % num_workers``."""
 
@@ -57,13 +57,16 @@ class StreamDataset(IterableDataset):
             if len(rows) < self.batch_size:  # only a finite stream ends; its last partial batch is dropped
                 return
             tokens = torch.from_numpy(np.stack(rows).astype(np.int64))
-            yield {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
+            yield {"input_ids": tokens[:, :-1].contiguous(), "targets": tokens[:, 1:].contiguous(),
                    "_worker": worker, "_state": pipeline.state_dict()}
 
 
 class ResumableLoader:
-    """Iterable of micro-batches ``{"input_ids": LongTensor [B, T], "labels": LongTensor [B, T]}``
-    (labels are the inputs shifted by one token) with ``state_dict`` / ``load_state_dict``.
+    """Iterable of micro-batches ``{"input_ids": LongTensor [B, T], "targets": LongTensor [B, T]}``
+    with ``state_dict`` / ``load_state_dict``. ``targets[:, t]`` is the token after ``input_ids[:, t]``
+    (already shifted). The name is not transformers' ``labels`` on purpose: a causal LM shifts
+    ``labels`` itself, so ``model(input_ids=..., labels=targets)`` would train on the token two
+    ahead; ``model(**batch)`` computes no loss instead (``.loss`` is None).
 
     Iterating continues from the current state: the first ``for`` loop starts at the beginning,
     a later one (or one after ``load_state_dict``) continues after the last delivered batch.
@@ -99,12 +102,9 @@ class ResumableLoader:
                 "shuffle_buffer": s.shuffle_buffer, "val_fraction": s.val_fraction,
                 "num_epochs": s.num_epochs}
 
-    @property
-    def batches_delivered(self) -> int:
-        return self._batches
-
     def state_dict(self) -> dict:
-        """Plain Python values and int32 tensors (loadable with ``torch.load(weights_only=True)``)."""
+        """Plain Python values and int32 tensors (loadable with ``torch.load(weights_only=True)``);
+        ``batches`` counts the batches delivered so far."""
         return {"version": STATE_VERSION, "signature": self.signature(), "next_worker": self._next_worker,
                 "batches": self._batches, "workers": list(self._worker_states)}
 

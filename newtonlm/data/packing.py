@@ -3,7 +3,7 @@
 Documents are tokenized in batches with the fast tokenizer, EOS appended to each, concatenated
 into one token stream, and cut into windows of ``seq_len + 1`` tokens that start every
 ``seq_len`` tokens: window k is ``stream[k*T : k*T + T + 1]``, so inputs ``window[:-1]`` and
-labels ``window[1:]`` make every token of the stream a label exactly once. Epochs follow each other
+targets ``window[1:]`` make every token of the stream a target exactly once. Epochs follow each other
 in the same token stream (the tail of one epoch opens the next), so nothing is dropped or repeated.
 
 The resumable state is three integers: the next window starts at token ``offset`` of the document

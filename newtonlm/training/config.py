@@ -50,7 +50,7 @@ class TrainConfig:
     gradient is not finite is skipped; ``max_consecutive_skips`` in a row stop the run with a
     checkpoint of the last good state. ``dist_timeout_s``: collectives fail after this long, so a
     dead rank does not hang the others. ``deepspeed_shm_comm``: DeepSpeed's shared-memory CPU
-    all-reduce (compiled on first use, tens of seconds to minutes; off by default: gloo is used).
+    all-reduce (compiled on first use; off by default: gloo is used).
     """
 
     seed: int = 1234

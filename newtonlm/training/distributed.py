@@ -94,10 +94,6 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
-def any_rank(flag: bool, device) -> bool:
-    return all_reduce_sum([float(flag)], device)[0] > 0
-
-
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
