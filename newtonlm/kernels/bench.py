@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 
 import torch
 
+from ..machine import machine_info as describe_machine
 from . import cpu_ext
 from .cells import Cell, GRUCell, LSTMCell
 from .function import parallel_rnn
@@ -177,11 +176,12 @@ def bench_one(cell, T, B, N, device, paths, baseline_max_T, done=None):
 
 
 def machine_info(device) -> dict:
-    info = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "platform": platform.platform(), "cpu_count": os.cpu_count(),
+    """newtonlm.machine's description, plus the benchmarked device and the compiled CPU kernels'
+    status."""
+    info = {**describe_machine(), "device": str(device),
             "cpu_ext": cpu_ext.status() if device.type == "cpu" else None}
     if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
+        info["gpu"] = torch.cuda.get_device_name(device)  # the benchmarked device, not device 0
     return info
 
 
