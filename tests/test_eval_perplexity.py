@@ -145,7 +145,10 @@ def test_command_on_a_training_run(tmp_path, capsys):
                  "wandb=disabled", f"hydra.run.dir={run}"]
     run_trainer(overrides, timeout=300)
     main([str(run), "--json", "--max-tokens", "200", "--eval-factor", "2", "--out", str(tmp_path / "r.json")])
-    r = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    r = json.loads(captured.out)  # stdout: the JSON only; stderr: what it is doing and how far along
+    assert "loading" in captured.err and "tokenizing the val split" in captured.err
+    assert "scoring" in captured.err and "batch" in captured.err
     assert r == json.loads((tmp_path / "r.json").read_text())
     assert r["context"] == 16 and r["eval_len"] == 32 and r["strategy"] == "recurrent"
     assert r["split"] == "val" and r["data"] == ["shakespeare"] and r["tokens"] >= 200

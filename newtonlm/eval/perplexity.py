@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .corpus import TokenStream, split_documents, token_stream, windows
 from .loading import LoadedModel, is_run_dir, load_for_eval
@@ -83,7 +84,10 @@ def evaluate_stream(loaded: LoadedModel, stream: TokenStream, eval_len: int, bat
     batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
     batches += [[s] for s in seqs if len(s[1]) < eval_len]
     t0 = time.perf_counter()
-    for k, batch in enumerate(batches):
+    bar = tqdm(batches, desc=f"scoring {len(seqs)} sequences of {eval_len} tokens", unit="batch",
+               disable=not progress, file=sys.stderr, dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 30.0)  # a log file: a line per 30 s
+    for batch in bar:
         ids = torch.as_tensor(np.stack([s[0] for s in batch]), device=device)
         mask = np.stack([s[1] for s in batch])
         nll = token_nll(loaded.model, ids, strategy, chunk, stride).double().cpu().numpy()
@@ -92,10 +96,6 @@ def evaluate_stream(loaded: LoadedModel, stream: TokenStream, eval_len: int, bat
         pos_count[:n] += nll.shape[0]
         nats += float(nll.sum())
         text_nats += float(nll[mask].sum())
-        if progress:
-            print(f"\r{k + 1}/{len(batches)} batches", end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
     seconds = time.perf_counter() - t0
     n_targets, n_text = stream.n_targets, int(stream.text_mask.sum())
     assert int(pos_count.sum()) == n_targets
@@ -184,12 +184,15 @@ def run(model: str | Path, overrides: list[str] = (), split: str = "val", eval_l
     if dtype not in dtypes:
         raise ValueError(f"dtype={dtype!r}; expected one of {list(dtypes)}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    say(f"loading {path} on {device}")
     loaded = load_for_eval(path, step=step, context=context, device=device, dtype=dtypes[dtype])
     if eval_len is None:
         if not eval_factor > 0:
             raise ValueError(f"eval_factor={eval_factor}; expected a positive number")
         eval_len = max(1, round(eval_factor * loaded.context))
     data_cfg = data_config_for(path, list(overrides))
+    say(f"reading and tokenizing the {split} split of {', '.join(data_cfg.sources)}")
     stream = token_stream(split_documents(data_cfg, split), loaded.tokenizer, max_tokens)
     result = evaluate_stream(loaded, stream, eval_len, batch_size, attention, chunk, stride, progress)
     result["split"] = split
@@ -219,11 +222,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--json", action="store_true", help="print the result as JSON (with the raw curve)")
     p.add_argument("--out", help="also write the JSON result to this file")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = p.parse_args(options)
     try:
         result = run(args.model, overrides, args.split, args.eval_len, args.eval_factor, args.batch_size,
                      args.max_tokens, args.step, args.context, args.attention, args.chunk, args.stride,
-                     args.device, args.dtype, progress=not args.json and sys.stderr.isatty())
+                     args.device, args.dtype, progress=not args.quiet)
     except ValueError as err:
         p.error(str(err))
     if args.out:
