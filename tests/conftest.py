@@ -10,6 +10,13 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+def pytest_configure(config):
+    # `make test` and CI run everything; `pytest -m "not slow"` is the quick run (see README)
+    config.addinivalue_line(
+        "markers", "slow: starts subprocesses (trainer runs, multi-process DeepSpeed, Slurm template, wheel "
+        "build) or trains for more than a few seconds; deselect with -m \"not slow\"")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
