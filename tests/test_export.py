@@ -113,25 +113,31 @@ def test_the_run_directory_reader_reads_what_the_trainers_checkpoints_write(tmp_
         source.read_tokenizer(run)
 
 
-def test_export_and_eval_never_import_the_trainer():
-    """Layering: newtonlm.export reads run directories on its own; eval reads them through export."""
+# the parts of newtonlm and the parts each may import (besides itself and newtonlm's top-level modules)
+LAYERS = {"kernels": set(), "data": set(), "models": {"kernels"}, "training": {"kernels", "models", "data"},
+          "export": {"kernels", "models", "data"}, "eval": {"export", "kernels", "models", "data"}}
+
+
+def test_imports_follow_the_layering():
+    """kernels <- models <- training, data <- training; export reads run directories on its own (never
+    the trainer) and uses models, kernels and data; eval uses export, models and data."""
     import ast
 
-    banned = {"export": ("newtonlm.training", "newtonlm.eval"), "eval": ("newtonlm.training",)}
-    for part, names in banned.items():
+    for part, allowed in LAYERS.items():
         for file in sorted((REPO / "newtonlm" / part).rglob("*.py")):
             package = ".".join(file.relative_to(REPO).parent.parts)
             for node in ast.walk(ast.parse(file.read_text())):
                 if isinstance(node, ast.ImportFrom):
                     base = package.rsplit(".", node.level - 1)[0] if node.level else ""
-                    modules = [".".join(p for p in (base, node.module) if p)]
-                    modules += [f"{modules[0]}.{a.name}" for a in node.names]
+                    module = ".".join(p for p in (base, node.module) if p)
+                    modules = [module] + [f"{module}.{a.name}" for a in node.names]
                 elif isinstance(node, ast.Import):
                     modules = [a.name for a in node.names]
                 else:
                     continue
-                bad = [m for m in modules if any(m == n or m.startswith(n + ".") for n in names)]
-                assert not bad, f"{file.relative_to(REPO)} line {node.lineno} imports {bad}"
+                parts = {m.split(".")[1] for m in modules if m.startswith("newtonlm.")}
+                bad = sorted((parts & set(LAYERS)) - allowed - {part})
+                assert not bad, f"{file.relative_to(REPO)} line {node.lineno} imports newtonlm.{bad[0]}"
 
 
 def test_the_command_is_python_m_newtonlm_export():
@@ -383,7 +389,7 @@ def _run_facts(run_dir: Path) -> dict:
 
 
 def _val_batches(run_dir: Path, facts: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every rank's validation batches, as the trainer evaluated them: (input_ids, labels) [R*B, T]."""
+    """Every rank's validation batches as the trainer evaluated them: (input_ids, targets) [R*B, T]."""
     from newtonlm import data as nd
 
     cfg, t = facts["config"], facts["config"]["train"]
@@ -394,7 +400,7 @@ def _val_batches(run_dir: Path, facts: dict) -> tuple[torch.Tensor, torch.Tensor
                                       t["micro_batch_size"], rank, world, t["seed"],
                                       model_vocab_size=facts["vocab"])
         batches += list(val)
-    return torch.cat([b["input_ids"] for b in batches]), torch.cat([b["labels"] for b in batches])
+    return torch.cat([b["input_ids"] for b in batches]), torch.cat([b["targets"] for b in batches])
 
 
 def _training_model(run_dir: Path, facts: dict, tag: str = "step_00000002"):
@@ -422,7 +428,7 @@ def references(runs, tmp_path_factory):
     refs = {}
     for arch in ARCHS:
         facts = _run_facts(runs[arch])
-        ids, labels = _val_batches(runs[arch], facts)
+        ids, targets = _val_batches(runs[arch], facts)
         model = _training_model(runs[arch], facts)
         prompt = ids[:1, :6]
         with torch.no_grad():
@@ -432,7 +438,7 @@ def references(runs, tmp_path_factory):
         text = "ROMEO: What light through yonder window breaks?"
         inputs = {"input_ids": ids, "prompt": prompt, "text": text, "gen_tokens": GEN_TOKENS}
         torch.save(inputs, work / f"{arch}.pt")
-        refs[arch] = SimpleNamespace(facts=facts, model=model, labels=labels, logits=logits,
+        refs[arch] = SimpleNamespace(facts=facts, model=model, targets=targets, logits=logits,
                                      inputs=work / f"{arch}.pt", generated=generated,
                                      encoded=facts["tokenizer"](text).input_ids)
     torch.set_num_threads(threads)
@@ -532,7 +538,7 @@ def test_loads_without_newtonlm_and_logits_match_training(arch, loaded, referenc
     assert torch.allclose(got["logits"], ref.logits, atol=ATOL, rtol=RTOL), diff
     # the trainer's own validation loss, logged at the exported step, from the exported model's logits
     logits = got["logits"]
-    loss = F.cross_entropy(logits.double().reshape(-1, logits.shape[-1]), ref.labels.reshape(-1),
+    loss = F.cross_entropy(logits.double().reshape(-1, logits.shape[-1]), ref.targets.reshape(-1),
                            ignore_index=-100)
     assert loss.item() == pytest.approx(ref.facts["val"]["val_loss"], rel=1e-5)
     assert got["error"] is None and got["tied"] and got["encoded"] == ref.encoded

@@ -198,8 +198,10 @@ def model_card(ckpt: Checkpoint, params: dict, vocab: int, dtype: str, name: str
                   "`config.json`): it needs only "
                   "`torch` and `transformers`, runs on CPU (a small C kernel is compiled with the system "
                   "compiler when one is present, PyTorch loops otherwise) and uses the Triton kernels on "
-                  "CUDA when `triton` is installed (without it, pass `cell_mode=\"parallel\"` to "
-                  "`from_pretrained`). A recurrent model supports right padding only.", ""]
+                  "CUDA when `triton` is installed (without it, the PyTorch solver). `newtonlm_kernels.py` "
+                  "carries newtonlm's kernel package as text and, on first load, writes it to "
+                  "`~/.cache/newtonlm/bundles/` (`NEWTONLM_CACHE` overrides) and imports it from there. "
+                  "A recurrent model supports right padding only.", ""]
     parts += ["## Limitations", "",
               "A research model trained on a small corpus: it produces text in the style of its training "
               "data, with no instruction tuning or safety filtering.", ""]
