@@ -135,12 +135,13 @@ def data_config_for(model_path: Path, overrides: list[str]):
     from omegaconf import OmegaConf
 
     from newtonlm.data import compose_data_config, load_data_config
+    from newtonlm.export import read_run_config
 
     for o in overrides:
         if not (o.startswith("data=") or o.startswith("data.")):
             raise ValueError(f"override {o!r}: expected data=<name> or data.<field>=<value>")
     if is_run_dir(model_path) and not any(o.startswith("data=") for o in overrides):
-        base = OmegaConf.create(OmegaConf.load(model_path / "config.yaml")["data"])
+        base = OmegaConf.create(read_run_config(model_path)["data"])
         dotlist = [o[len("data."):] for o in overrides]
         return load_data_config(OmegaConf.merge(base, OmegaConf.from_dotlist(dotlist)))
     return compose_data_config(overrides)

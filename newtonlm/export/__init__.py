@@ -11,9 +11,10 @@ newtonlm.eval.
 from .cli import main
 from .folder import DTYPES, ExportResult, build_exported_model, export_checkpoint
 from .hub import check_hub_access, push_to_hub
-from .source import Checkpoint, ExportError, is_run_dir, read_checkpoint, read_tokenizer
+from .source import Checkpoint, ExportError, is_run_dir, read_checkpoint, read_run_config, read_tokenizer
 
 __all__ = [
     "DTYPES", "Checkpoint", "ExportError", "ExportResult", "build_exported_model", "check_hub_access",
-    "export_checkpoint", "is_run_dir", "main", "push_to_hub", "read_checkpoint", "read_tokenizer",
+    "export_checkpoint", "is_run_dir", "main", "push_to_hub", "read_checkpoint", "read_run_config",
+    "read_tokenizer",
 ]

@@ -216,6 +216,17 @@ def read_checkpoint(path: str | Path, step: int | None = None) -> Checkpoint:
                       config=state["config"], state_dict=sd)
 
 
+def read_run_config(run_dir: str | Path) -> dict:
+    """The resolved training config the trainer saved in ``<run>/config.yaml``, as a dict."""
+    from omegaconf import OmegaConf
+
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ExportError(f"{path} does not exist; expected the {CONFIG_FILE} the trainer writes into "
+                          "the run directory")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
 def read_tokenizer(run_dir: str | Path):
     """The tokenizer the trainer saved in ``<run>/tokenizer/``."""
     from newtonlm.data import load_tokenizer
