@@ -6,14 +6,22 @@ Sizes are tiny because every ``tl.associative_scan`` element costs ~0.1 ms in th
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
+from newtonlm.kernels import triton_fused
 from newtonlm.kernels.cells import GRU, LSTM
 from newtonlm.kernels.reference import sequential_apply
 from newtonlm.kernels.triton_fused import (
+    INTERPRETER_CONFIG,
+    _last_row,
+    _shift_down,
+    _tanh,
     fused_gru_backward,
     fused_gru_forward,
     fused_lstm_backward,
     fused_lstm_forward,
+    launch_configs,
 )
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -153,22 +161,29 @@ def test_bf16_inputs_upcast():
 def test_bad_shapes():
     A = _params(torch.float32)
     u, h0 = _inputs(3, torch.float32, True)
-    with pytest.raises(ValueError, match="u must have shape"):
+    with pytest.raises(ValueError, match=r"u has shape \(2, 3, 2, 20\); expected \[B, T, 3, N\]"):
         fused_gru_forward(u[:, :, :2], A, h0)
-    with pytest.raises(ValueError, match=r"A must have shape \[3, 20\]"):
+    with pytest.raises(ValueError, match=r"A has shape \(2, 20\); expected \(3, 20\)"):
         fused_gru_forward(u, A[:2], h0)
-    with pytest.raises(ValueError, match=r"h0 must have shape \[2, 20\]"):
+    with pytest.raises(ValueError, match=r"h0 has shape \(2, 5\); expected \(2, 20\)"):
         fused_gru_forward(u, A, h0[:, :5])
     h, _ = fused_gru_forward(u, A, h0)
-    with pytest.raises(ValueError, match=r"grad_h must have shape \[2, 3, 20\]"):
+    with pytest.raises(ValueError, match=r"grad_h has shape \(2, 2, 20\); expected \(2, 3, 20\)"):
         fused_gru_backward(u, A, h0, h, h[:, :2])
     A2, C = _params(torch.float32, lstm=True)
-    with pytest.raises(ValueError, match=r"C must have shape \[2, 20\]"):
+    with pytest.raises(ValueError, match=r"C has shape \(1, 20\); expected \(2, 20\)"):
         fused_lstm_forward(u, A2, C[:1])
-    with pytest.raises(ValueError, match=r"s0 must have shape \[2, 2, 20\]"):
+    with pytest.raises(ValueError, match=r"s0 has shape \(2, 20\); expected \(2, 2, 20\)"):
         fused_lstm_forward(u, A2, C, h0)
     with pytest.raises(ValueError, match="chunk must be a power of two"):
         fused_gru_forward(u, A, h0, chunk=12)
+
+
+def test_device_mismatch():
+    A = _params(torch.float32)
+    u, h0 = _inputs(3, torch.float32, True)
+    with pytest.raises(ValueError, match="A is on meta; expected .* like u"):
+        fused_gru_forward(u, A.to("meta"), h0)
 
 
 def test_cpu_rejected_without_interpreter(monkeypatch):
@@ -177,3 +192,113 @@ def test_cpu_rejected_without_interpreter(monkeypatch):
     u = torch.randn(1, 2, 3, N)
     with pytest.raises(ValueError, match="CUDA"):
         fused_gru_forward(u, A)
+
+
+KERNELS = {"forward": (triton_fused._gru_fwd_kernel, triton_fused._lstm_fwd_kernel),
+           "backward": (triton_fused._gru_bwd_kernel, triton_fused._lstm_bwd_kernel)}
+
+
+@triton.jit
+def _tanh_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    m = i < n
+    tl.store(y_ptr + i, _tanh(tl.load(x_ptr + i, mask=m)), mask=m)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tanh_relative_accuracy(dtype):
+    small = torch.logspace(-8, -2, 97, dtype=torch.float64)
+    wide = torch.linspace(-20, 20, 161, dtype=torch.float64)
+    x = torch.cat((small, -small, wide, torch.tensor([0.0, 1e-30, 5e-39, 60.0, -1e4, float("inf"),
+                                                       -float("inf")]))).to(dtype)
+    y = torch.empty_like(x)
+    _tanh_kernel[(1,)](x.to(DEV), y.to(DEV), x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    y = y.cpu()
+    want = torch.tanh(x.double())  # float64 reference on exactly the values the kernel sees
+    eps = torch.finfo(dtype).eps
+    rel = ((y.double() - want).abs() / want.abs().clamp_min(1e-300)).nan_to_num(0.0)
+    assert rel[:194].max() <= 3 * eps, f"near 0: {rel[:194].max() / eps:.1f} ulp"
+    assert rel.max() <= 4 * eps, f"{rel.max() / eps:.1f} ulp"
+    assert y[-2:].tolist() == [1.0, -1.0] and torch.isnan(_tanh_nan(dtype))
+    # the former formula would fail the first bound: 2 sigmoid(2x) - 1 cancels near 0
+    old = (2 * torch.sigmoid(2 * x[:194]) - 1).double()
+    assert ((old - want[:194]).abs() / want[:194].abs()).max() > 1e3 * eps
+
+
+def _tanh_nan(dtype):
+    x = torch.tensor([float("nan")], dtype=dtype, device=DEV)
+    y = torch.empty_like(x)
+    _tanh_kernel[(1,)](x, y, 1, BLOCK=16)
+    return y.cpu()[0]
+
+
+@triton.jit
+def _shift_kernel(x_ptr, first_ptr, shifted_ptr, last_ptr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.arange(0, CHUNK)[:, None]
+    n = tl.arange(0, BLOCK_N)
+    x = tl.load(x_ptr + rows * BLOCK_N + n[None, :])
+    first = tl.load(first_ptr + n)[None, :]
+    tl.store(shifted_ptr + rows * BLOCK_N + n[None, :], _shift_down(x, first, CHUNK, BLOCK_N))
+    tl.store(last_ptr + n[None, :], _last_row(x, CHUNK))
+
+
+@pytest.mark.parametrize("chunk", [2, 16])
+def test_time_shift_in_registers_is_exact(chunk):
+    """The forward's h_{t-1} tile: row i is row i - 1, row 0 the carried state; the next chunk's
+    carried state is the last row. Bit-exact (a gather and a select-sum move values only)."""
+    x = torch.randn(chunk, 16, dtype=torch.float64, device=DEV)
+    first = torch.randn(16, dtype=torch.float64, device=DEV)
+    shifted, last = torch.empty_like(x), torch.empty_like(first)
+    _shift_kernel[(1,)](x, first, shifted, last, CHUNK=chunk, BLOCK_N=16)
+    assert torch.equal(shifted, torch.cat((first[None], x[:-1])))
+    assert torch.equal(last, x[-1])
+
+
+def test_interpreter_runs_its_single_config():
+    if not triton_fused.INTERPRET:
+        pytest.skip("on a GPU the autotuner benchmarks several configurations")
+    for kind, kernels in KERNELS.items():
+        assert launch_configs(kind) == [INTERPRETER_CONFIG]
+        for kernel in kernels:
+            assert kernel.configs == [INTERPRETER_CONFIG]
+    A = _params(torch.float64)
+    u, h0 = _inputs(5, torch.float64, True)
+    h, _ = fused_gru_forward(u, A, h0)  # no chunk/block_n: through the autotuner
+    assert triton_fused._gru_fwd_kernel.best_config is INTERPRETER_CONFIG
+    fused_gru_backward(u, A, h0, h, torch.ones_like(h))
+    assert triton_fused._gru_bwd_kernel.best_config is INTERPRETER_CONFIG
+
+
+def _power_of_two(v):
+    return v >= 1 and v & (v - 1) == 0
+
+
+@pytest.mark.parametrize("kind", ["forward", "backward"])
+def test_gpu_config_list_is_well_formed(kind):
+    configs = launch_configs(kind, interpret=False)
+    assert len(configs) >= 6 and len({str(c) for c in configs}) == len(configs)
+    for c in configs:
+        assert set(c.kwargs) == {"CHUNK", "BLOCK_N"}
+        chunk, block_n = c.kwargs["CHUNK"], c.kwargs["BLOCK_N"]
+        assert all(_power_of_two(v) and 16 <= v <= 128 for v in (chunk, block_n)), c
+        assert c.num_warps in (1, 2, 4, 8) and c.num_stages in (1, 2), c
+        assert chunk * block_n == 16 * 32 * c.num_warps, c  # 16 elements of each tile per thread
+    stages = {c.num_stages for c in configs}
+    assert stages == ({1} if kind == "forward" else {1, 2})
+    for kernel in KERNELS[kind]:
+        assert {"CHUNK", "BLOCK_N"} <= set(kernel.fn.arg_names)
+        assert kernel.keys == ["N", "T_BUCKET", "B_BUCKET"]
+        assert set(kernel.keys) <= set(kernel.fn.arg_names)
+    with pytest.raises(ValueError, match="kind='sideways'; expected one of"):
+        launch_configs("sideways")
+
+
+def test_gpu_configs_are_fitted_to_the_problem():
+    configs = launch_configs("backward", interpret=False)
+    fitted = triton_fused._fit_configs(configs, {"T": 5, "N": 20})
+    # every tile clamped to 16 x 32 (T = 5 -> 16 steps, N = 20 -> 32 channels), 1 warp at most
+    # 512 elements / 256, duplicates dropped: one per stage count
+    assert sorted((c.kwargs["CHUNK"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                  for c in fitted) == [(16, 32, 1, 1), (16, 32, 1, 2)]
+    big = triton_fused._fit_configs(configs, {"T": 4096, "N": 1024})
+    assert len(big) == len(configs)

@@ -10,8 +10,14 @@ import os
 import pytest
 import torch
 
+from newtonlm.kernels import triton_scan
 from newtonlm.kernels.reference import scan_block2_ref, scan_diag_ref
-from newtonlm.kernels.triton_scan import triton_scan_block2, triton_scan_diag
+from newtonlm.kernels.triton_scan import (
+    INTERPRETER_CONFIG,
+    launch_configs,
+    triton_scan_block2,
+    triton_scan_diag,
+)
 
 # CPU tensors under the interpreter; CUDA when run on a GPU (NEWTONLM_TEST_GPU=1).
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
@@ -128,18 +134,18 @@ def test_empty_sequence():
 
 def test_bad_shapes_raise():
     J, r, h0 = _inputs("diag", 2, 7, 8)
-    with pytest.raises(ValueError, match=r"J has shape \(2, 5, 8\), expected \(2, 7, 8\)"):
+    with pytest.raises(ValueError, match=r"J has shape \(2, 5, 8\); expected \(2, 7, 8\)"):
         triton_scan_diag(J[:, :5], r)
-    with pytest.raises(ValueError, match=r"r has shape \(7, 8\), expected \[B, T, N\]"):
+    with pytest.raises(ValueError, match=r"r has shape \(7, 8\); expected \[B, T, N\]"):
         triton_scan_diag(J, r[0])
-    with pytest.raises(ValueError, match=r"h0 has shape \(2, 7\), expected \(2, 8\)"):
+    with pytest.raises(ValueError, match=r"h0 has shape \(2, 7\); expected \(2, 8\)"):
         triton_scan_diag(J, r, h0[:, :7])
     J2, r2, h02 = _inputs("block2", 2, 7, 8)
-    with pytest.raises(ValueError, match=r"J has shape \(2, 7, 2, 8\), expected \(2, 7, 2, 2, 8\)"):
+    with pytest.raises(ValueError, match=r"J has shape \(2, 7, 2, 8\); expected \(2, 7, 2, 2, 8\)"):
         triton_scan_block2(J2[:, :, 0], r2)
-    with pytest.raises(ValueError, match=r"r has shape \(2, 7, 3, 8\), expected \[B, T, 2, N\]"):
+    with pytest.raises(ValueError, match=r"r has shape \(2, 7, 3, 8\); expected \[B, T, 2, N\]"):
         triton_scan_block2(J2, torch.zeros(2, 7, 3, 8, device=DEVICE))
-    with pytest.raises(ValueError, match=r"h0 has shape \(2, 8\), expected \(2, 2, 8\)"):
+    with pytest.raises(ValueError, match=r"h0 has shape \(2, 8\); expected \(2, 2, 8\)"):
         triton_scan_block2(J2, r2, h02[:, 0])
 
 
@@ -147,7 +153,7 @@ def test_bad_dtype_and_device_raise(monkeypatch):
     J, r, h0 = _inputs("diag", 2, 7, 8)
     with pytest.raises(ValueError, match="J has dtype torch.int64"):
         triton_scan_diag(J.long(), r)
-    with pytest.raises(ValueError, match="h0 is on meta, expected .* like r"):
+    with pytest.raises(ValueError, match="h0 is on meta; expected .* like r"):
         triton_scan_diag(J, r, h0.to("meta"))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="need CUDA tensors, got r on cpu"):
@@ -162,3 +168,36 @@ def test_bad_arguments_raise():
         triton_scan_diag(J, r, block_n=24)
     with pytest.raises(ValueError, match="chunk must be a positive"):
         triton_scan_diag(J, r, chunk=0)
+
+
+CHUNK_KERNELS = (triton_scan._diag_chunk_kernel, triton_scan._block2_chunk_kernel)
+
+
+def test_interpreter_runs_its_single_config():
+    if not triton_scan.INTERPRET:
+        pytest.skip("on a GPU the autotuner benchmarks several configurations")
+    assert launch_configs() == [INTERPRETER_CONFIG]
+    for kernel in CHUNK_KERNELS:
+        assert kernel.configs == [INTERPRETER_CONFIG]
+    J, r, h0 = _inputs("diag", 2, 9, 5)
+    triton_scan_diag(J, r, h0, chunk=4)  # no block_n: through the autotuner, all three phases
+    assert triton_scan._diag_chunk_kernel.best_config is INTERPRETER_CONFIG
+
+
+def test_gpu_config_list_is_well_formed():
+    configs = launch_configs(interpret=False)
+    assert len(configs) >= 6 and len({str(c) for c in configs}) == len(configs)
+    for c in configs:
+        assert set(c.kwargs) == {"BLOCK_N"}
+        block_n = c.kwargs["BLOCK_N"]
+        assert block_n in (32, 64, 128, 256), c
+        assert c.num_warps == block_n // 32, c  # one channel per thread
+        assert c.num_stages in (1, 2, 3, 4), c
+    for kernel in CHUNK_KERNELS:
+        assert "BLOCK_N" in kernel.fn.arg_names
+        assert set(kernel.keys) <= set(kernel.fn.arg_names)
+    # fitted to 20 channels: 32-wide blocks with 1 warp, one config per stage count
+    fitted = triton_scan._fit_configs(configs, {"N": 20})
+    assert sorted((c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in fitted) == [
+        (32, 1, s) for s in sorted({c.num_stages for c in configs})]
+    assert len(triton_scan._fit_configs(configs, {"N": 1024})) == len(configs)

@@ -7,29 +7,42 @@ Design (both cells, both directions):
   programs are independent and the result is deterministic (no atomics);
 * a program walks the time axis in chunks of ``CHUNK`` steps and holds a ``[CHUNK, BLOCK_N]``
   tile of the chunk in registers;
-* forward: the chunk before is fully converged when a chunk starts, so its final state is the
-  exact initial state of this chunk (the result is exact, not a truncation). Initial guess
-  ``h_t = f(0, u_t)`` (row 0 uses the carried state), then ``num_iters`` Newton iterations, each
-  ``h_{t-1}`` from the current iterate, ``r = f(h_{t-1}, u) - h``, ``J = df/dh`` for the whole
-  tile, and the chunk's linear recurrence ``d_t = J_t d_{t-1} + r_t`` (``d`` = 0 before row 0,
-  whose predecessor is exact) solved by ``tl.associative_scan`` along time (diagonal combine for
-  GRU, 2x2-block combine for LSTM). The one-step time shift ``h_{t-1}`` is done through the
-  output buffer: the iterate is stored, a ``tl.debug_barrier()`` makes it visible to the whole
-  program, and it is read back at offset ``t - 1`` (row 0 then reads the previous chunk's final
-  state, or ``h0``). A second barrier after the read guards the next store (write-after-read).
-  After the last iteration ``f`` is evaluated once more and ``max |f(h_{t-1}, u_t) - h_t|`` is
-  reduced per program into a buffer; the host takes the max.
+* forward: the chunk before is fully converged when a chunk starts, so its final state (carried
+  in registers as ``prev``) is the exact initial state of this chunk: the result is exact, not a
+  truncation. Initial guess ``h_t = f(0, u_t)`` (row 0 from ``prev``), then ``num_iters`` Newton
+  iterations, each ``h_{t-1}`` from the current iterate, ``r = f(h_{t-1}, u) - h``, ``J = df/dh``
+  for the whole tile, and the chunk's linear recurrence ``d_t = J_t d_{t-1} + r_t`` (``d`` = 0
+  before row 0, whose predecessor is exact) solved by ``tl.associative_scan`` along time
+  (diagonal combine for GRU, 2x2-block combine for LSTM). The one-step time shift ``h_{t-1}`` is
+  a ``tl.gather`` of the register tile (:func:`_shift_down`): the exchange between threads stays
+  inside the program and the compiler inserts its synchronization, so there is no global-memory
+  round trip to order by hand (an earlier version stored the iterate and read it back at
+  ``t - 1`` between two ``tl.debug_barrier()`` calls, a pattern the interpreter, which runs one
+  program at a time with no threads, cannot check). The tile is stored once per chunk, after
+  the last iteration; ``max |f(h_{t-1}, u_t) - h_t|`` is reduced per channel into a ``[B, N]``
+  buffer and the host takes the max.
 * backward: the adjoint ``lam_t = g_t + J_{t+1}^T lam_{t+1}`` runs chunk by chunk in reverse time
   order. The tile is loaded time-reversed by index arithmetic (row ``i`` is time
   ``c0 + CHUNK - 1 - i``), so a forward ``tl.associative_scan`` solves the reverse recurrence.
-  ``J_{t+1}`` is evaluated at ``(h_t, u_{t+1})`` read straight from memory, which handles the
+  ``J_{t+1}`` is evaluated at ``(h_t, u_{t+1})`` read straight from memory (``h`` is an input
+  here, written by an earlier kernel, so these reads need no ordering), which handles the
   chunk's last row (it needs the next chunk's first step) exactly; ``J_T`` is 0. ``lam`` at the
   chunk's first time step is carried to the next (earlier) chunk. Then the local VJPs of the
   tile give ``du`` (stored), per-program partial sums of ``dA`` (``dC``) (summed over ``B`` on the
   host) and, at ``t = 0``, ``dh0``.
 
+Launch parameters (``CHUNK``, ``BLOCK_N``, warps, stages) are ``triton.autotune`` configurations
+(:func:`launch_configs`) keyed on ``N`` and on ``T`` and ``B`` rounded up to powers of two (a new
+length within the bucket reuses the tuned choice); configurations larger than the problem are
+clamped to it. Under the Triton interpreter there is exactly one configuration
+(:data:`INTERPRETER_CONFIG`: autotuning with several needs a GPU driver). ``BLOCK_N`` does not
+change results; ``CHUNK`` changes them by rounding only once Newton has converged (chunks
+start from exact states), so a GPU run's bits can depend on the tuned choice: pass ``chunk`` and
+``block_n`` to fix it.
+
 All arithmetic is in fp32 (fp64 when ``u`` is fp64); bf16/fp16 inputs are upcast on load.
-``tanh`` is written as ``2 sigmoid(2x) - 1`` (no libdevice in the Triton interpreter).
+``tanh``: libdevice's on a GPU; under the interpreter (no libdevice) an expm1-based formula of
+the same accuracy (:func:`_tanh`).
 """
 
 from __future__ import annotations
@@ -39,11 +52,75 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
-__all__ = ["fused_gru_backward", "fused_gru_forward", "fused_lstm_backward", "fused_lstm_forward"]
+from .checks import check_device, check_shape
 
-DEFAULT_CHUNK = 64
-DEFAULT_BLOCK_N = 64
+__all__ = ["INTERPRETER_CONFIG", "fused_gru_backward", "fused_gru_forward", "fused_lstm_backward",
+           "fused_lstm_forward", "launch_configs"]
+
+# Decided once, like Triton itself decides at import whether kernels are interpreted.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_LIBDEVICE: tl.constexpr = tl.constexpr(not INTERPRET)
+
+# ----------------------------------------------------------------------------- launch configs
+# The interpreter's associative_scan runs the combine once per tile element in Python, so its one
+# configuration is the smallest tile the GPU compiler would also accept (16 x 16).
+INTERPRETER_CONFIG = triton.Config({"CHUNK": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)
+# GPU candidates (CHUNK, BLOCK_N, num_warps): 16 fp32 elements of each tile per thread, from few
+# wide programs to many narrow ones. ptxas (Triton 3.7, sm_90a, fp32) puts every one of them at
+# the 255-register cap with little or no spilling (LSTM forward: 0.2-0.7 kB); 32 elements per
+# thread (the former fixed 64 x 64 tile with 4 warps) spilled 0.9-3.6 kB, so it is not offered.
+_GPU_TILES = ((16, 32, 1), (16, 64, 2), (32, 32, 2), (32, 64, 4), (64, 32, 4), (64, 64, 8))
+# Software pipelining applies to innermost loops with loads: the backward's chunk loop. The
+# forward's chunk loop contains the Newton loop, so extra stages would only add compilations.
+_GPU_STAGES = {"forward": (1,), "backward": (1, 2)}
+_MIN_TILE = 16  # the GPU compiler's smallest tile dimension for these layouts
+# An explicit ``chunk`` or ``block_n`` alone takes this for the other one.
+_OVERRIDE_DEFAULT = 64
+
+
+def launch_configs(kind: str, interpret: bool = INTERPRET) -> list:
+    """The autotuning candidates of the ``kind`` ("forward" or "backward") kernels:
+    ``[INTERPRETER_CONFIG]`` under the interpreter, else one
+    ``triton.Config({"CHUNK", "BLOCK_N"}, num_warps, num_stages)`` per GPU tile and stage count."""
+    if kind not in _GPU_STAGES:
+        raise ValueError(f"kind={kind!r}; expected one of {tuple(_GPU_STAGES)}")
+    if interpret:
+        return [INTERPRETER_CONFIG]
+    return [triton.Config({"CHUNK": c, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for c, bn, w in _GPU_TILES for s in _GPU_STAGES[kind]]
+
+
+def _fit(size: int, tile: int) -> int:
+    """A power-of-two tile no larger than the problem needs (never below _MIN_TILE)."""
+    return min(tile, max(_MIN_TILE, triton.next_power_of_2(size)))
+
+
+def _warps(chunk: int, block_n: int) -> int:
+    """Warps for 16 elements of a [chunk, block_n] tile per thread (1 to 8)."""
+    return max(1, min(8, chunk * block_n // (16 * 32)))
+
+
+def _fit_configs(configs, named_args, **kwargs):
+    """Autotune pruning: clamp each candidate's tile to the problem (T, N), with no more warps
+    than 16 elements per thread allow, and drop duplicates."""
+    T, N = named_args["T"], named_args["N"]
+    out = {}
+    for cfg in configs:
+        chunk, block_n = _fit(T, cfg.kwargs["CHUNK"]), _fit(N, cfg.kwargs["BLOCK_N"])
+        fitted = triton.Config({"CHUNK": chunk, "BLOCK_N": block_n},
+                               num_warps=min(cfg.num_warps, _warps(chunk, block_n)),
+                               num_stages=cfg.num_stages)
+        out.setdefault(str(fitted), fitted)
+    return list(out.values())
+
+
+def _autotune(kind: str):
+    """Tuned per (N, T bucket, B bucket): T_BUCKET and B_BUCKET are kernel arguments used only as
+    the key (the autotuner adds the tensors' dtypes to it)."""
+    return triton.autotune(configs=launch_configs(kind), key=["N", "T_BUCKET", "B_BUCKET"],
+                           prune_configs_by={"early_config_prune": _fit_configs})
 
 
 # ----------------------------------------------------------------------------- jit helpers
@@ -54,7 +131,20 @@ def _sigmoid(x):
 
 @triton.jit
 def _tanh(x):
-    return 2.0 * _sigmoid(2.0 * x) - 1.0
+    """tanh with a few ulp of relative error everywhere, also near 0 (where the former
+    ``2 sigmoid(2x) - 1`` returned 0 in fp32 for |x| < 3e-8 and lost ~log10(1/|x|) digits)."""
+    if _LIBDEVICE:
+        return libdevice.tanh(x)
+    else:
+        # |tanh x| = -m / (2 + m) with m = expm1(-2|x|); expm1 by Kahan's trick (the rounding
+        # error of e = exp(y) cancels between e - 1 and log(e)): within 3 ulp in fp32 and fp64.
+        y = -2.0 * tl.abs(x)
+        e = tl.exp(y)
+        em1 = e - 1.0
+        exact = (e == 1.0) | (em1 == -1.0)  # expm1(y) = y, or -1, to working precision
+        m = tl.where(exact, tl.where(e == 1.0, y, -1.0), em1 * y / tl.log(tl.where(exact, 0.5, e)))
+        t = -m / (2.0 + m)
+        return tl.where(x < 0, -t, t)
 
 
 @triton.jit
@@ -69,6 +159,66 @@ def _combine_block2(p11, p12, p21, p22, p1, p2, q11, q12, q21, q22, q1, q2):
     return (q11 * p11 + q12 * p21, q11 * p12 + q12 * p22,
             q21 * p11 + q22 * p21, q21 * p12 + q22 * p22,
             q11 * p1 + q12 * p2 + q1, q21 * p1 + q22 * p2 + q2)
+
+
+@triton.jit
+def _channels(BLOCK_N: tl.constexpr, N):
+    """This program's batch row b (int64), channels n [BLOCK_N] and their mask (n < N)."""
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return tl.program_id(0).to(tl.int64), n, n < N
+
+
+@triton.jit
+def _row(ptr, n, nmask, DT: tl.constexpr):
+    """One per-channel row ``ptr[n]`` as a [1, BLOCK_N] tile in DT (masked channels 0)."""
+    return tl.load(ptr + n, mask=nmask, other=0.0).to(DT)[None, :]
+
+
+@triton.jit
+def _state_row(ptr, n, nmask, HAS: tl.constexpr, DT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """An initial-state row (``ptr`` at the program's batch row), or zeros when there is none."""
+    if HAS:
+        return _row(ptr, n, nmask, DT)
+    else:
+        return tl.zeros([1, BLOCK_N], dtype=DT)
+
+
+@triton.jit
+def _gru_params(a_ptr, n, nmask, N, DT: tl.constexpr):
+    """A [3, N] rows (z, r, h) as [1, BLOCK_N] tiles."""
+    return _row(a_ptr, n, nmask, DT), _row(a_ptr + N, n, nmask, DT), _row(a_ptr + 2 * N, n, nmask, DT)
+
+
+@triton.jit
+def _lstm_params(a_ptr, c_ptr, n, nmask, N, DT: tl.constexpr):
+    """A [3, N] rows (f, o, c) and the peepholes C [2, N] rows (f, o) as [1, BLOCK_N] tiles."""
+    af, ao, ac = _gru_params(a_ptr, n, nmask, N, DT)
+    return af, ao, ac, _row(c_ptr, n, nmask, DT), _row(c_ptr + N, n, nmask, DT)
+
+
+@triton.jit
+def _drive(u_ptr, u_off, mask, N, DT: tl.constexpr):
+    """The three gate rows of u [B, T, 3, N] at ``u_off`` (the offsets of row 0), as tiles."""
+    return (tl.load(u_ptr + u_off, mask=mask, other=0.0).to(DT),
+            tl.load(u_ptr + u_off + N, mask=mask, other=0.0).to(DT),
+            tl.load(u_ptr + u_off + 2 * N, mask=mask, other=0.0).to(DT))
+
+
+@triton.jit
+def _shift_down(x, first, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Row i of the result is row i - 1 of the [CHUNK, BLOCK_N] tile ``x``; row 0 is ``first``
+    ([1, BLOCK_N]): the states h_{t-1} of the tile's rows. A gather within the program's
+    registers (through shared memory or warp shuffles, synchronized by the compiler)."""
+    rows = tl.arange(0, CHUNK)[:, None]
+    src = tl.maximum(rows - 1, 0) + tl.zeros([CHUNK, BLOCK_N], dtype=tl.int32)
+    return tl.where(rows == 0, first, tl.gather(x, src, 0))
+
+
+@triton.jit
+def _last_row(x, CHUNK: tl.constexpr):
+    """Row CHUNK - 1 of the tile ``x`` as [1, BLOCK_N] (a select and a sum: exact)."""
+    rows = tl.arange(0, CHUNK)[:, None]
+    return tl.sum(tl.where(rows == CHUNK - 1, x, 0.0), axis=0)[None, :]
 
 
 @triton.jit
@@ -113,69 +263,42 @@ def _lstm_step_jac(cp, hp, uf, uo, uc, af, ao, ac, cf, co):
 
 
 # ----------------------------------------------------------------------------- GRU kernels
+@_autotune("forward")
 @triton.jit
-def _gru_fwd_kernel(u_ptr, a_ptr, h0_ptr, h_ptr, res_ptr, T, N, num_iters,
+def _gru_fwd_kernel(u_ptr, a_ptr, h0_ptr, h_ptr, res_ptr, T, N, num_iters, T_BUCKET, B_BUCKET,
                     HAS_H0: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr):
     DT = h_ptr.dtype.element_ty
-    b = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = n < N
-    rows = tl.arange(0, CHUNK)
-    az = tl.load(a_ptr + n, mask=nmask, other=0.0).to(DT)[None, :]
-    ar = tl.load(a_ptr + N + n, mask=nmask, other=0.0).to(DT)[None, :]
-    ah = tl.load(a_ptr + 2 * N + n, mask=nmask, other=0.0).to(DT)[None, :]
-    if HAS_H0:
-        h0 = tl.load(h0_ptr + b * N + n, mask=nmask, other=0.0).to(DT)[None, :]
-    else:
-        h0 = tl.zeros([1, BLOCK_N], dtype=DT)
+    b, n, nmask = _channels(BLOCK_N, N)
+    rows = tl.arange(0, CHUNK)[:, None]
+    az, ar, ah = _gru_params(a_ptr, n, nmask, N, DT)
+    prev = _state_row(h0_ptr + b * N, n, nmask, HAS_H0, DT, BLOCK_N)  # exact state before the chunk
     res = tl.zeros([BLOCK_N], dtype=DT)
     for k in range(tl.cdiv(T, CHUNK)):
-        t = (k * CHUNK + rows).to(tl.int64)[:, None]
+        t = (k * CHUNK + rows).to(tl.int64)
         mask = (t < T) & nmask[None, :]
-        prev_mask = mask & (t >= 1)
-        u_off = ((b * T + t) * 3) * N + n[None, :]
-        uz = tl.load(u_ptr + u_off, mask=mask, other=0.0).to(DT)
-        ur = tl.load(u_ptr + u_off + N, mask=mask, other=0.0).to(DT)
-        uh = tl.load(u_ptr + u_off + 2 * N, mask=mask, other=0.0).to(DT)
-        h_off = (b * T + t) * N + n[None, :]
-        # initial guess f(0, u); row 0 starts from the carried (exact) state
-        hp = tl.load(h_ptr + h_off - N, mask=prev_mask & (rows[:, None] == 0), other=0.0)
-        hp = tl.where(t == 0, h0, hp)
-        h, jac = _gru_step_jac(hp, uz, ur, uh, az, ar, ah)
+        uz, ur, uh = _drive(u_ptr, ((b * T + t) * 3) * N + n[None, :], mask, N, DT)
+        h, _ = _gru_step_jac(tl.where(rows == 0, prev, 0.0), uz, ur, uh, az, ar, ah)  # f(0, u)
         for _ in range(num_iters):
-            tl.store(h_ptr + h_off, h, mask=mask)
-            tl.debug_barrier()
-            hp = tl.where(t == 0, h0, tl.load(h_ptr + h_off - N, mask=prev_mask, other=0.0))
-            tl.debug_barrier()
-            fh, jac = _gru_step_jac(hp, uz, ur, uh, az, ar, ah)
-            jac = tl.where(rows[:, None] == 0, 0.0, jac)  # the state before row 0 is exact
+            fh, jac = _gru_step_jac(_shift_down(h, prev, CHUNK, BLOCK_N), uz, ur, uh, az, ar, ah)
+            jac = tl.where(rows == 0, 0.0, jac)  # the state before row 0 is exact
             _, delta = tl.associative_scan((jac, fh - h), 0, _combine_diag)
             h = h + delta
-        tl.store(h_ptr + h_off, h, mask=mask)
-        tl.debug_barrier()
-        hp = tl.where(t == 0, h0, tl.load(h_ptr + h_off - N, mask=prev_mask, other=0.0))
-        tl.debug_barrier()
-        fh, jac = _gru_step_jac(hp, uz, ur, uh, az, ar, ah)
+        fh, _ = _gru_step_jac(_shift_down(h, prev, CHUNK, BLOCK_N), uz, ur, uh, az, ar, ah)
         res = tl.maximum(res, tl.max(tl.where(mask, tl.abs(fh - h), 0.0), axis=0))
-    tl.store(res_ptr + b * tl.num_programs(1) + pid_n, tl.max(res, axis=0))
+        tl.store(h_ptr + (b * T + t) * N + n[None, :], h, mask=mask)
+        prev = _last_row(h, CHUNK)
+    tl.store(res_ptr + b * N + n, res, mask=nmask)
 
 
+@_autotune("backward")
 @triton.jit
-def _gru_bwd_kernel(u_ptr, a_ptr, h0_ptr, h_ptr, g_ptr, du_ptr, da_ptr, dh0_ptr, T, N,
-                    HAS_H0: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr):
+def _gru_bwd_kernel(u_ptr, a_ptr, h0_ptr, h_ptr, g_ptr, du_ptr, da_ptr, dh0_ptr, T, N, T_BUCKET,
+                    B_BUCKET, HAS_H0: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr):
     DT = da_ptr.dtype.element_ty
-    b = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = n < N
-    rows = tl.arange(0, CHUNK)
-    az = tl.load(a_ptr + n, mask=nmask, other=0.0).to(DT)[None, :]
-    ar = tl.load(a_ptr + N + n, mask=nmask, other=0.0).to(DT)[None, :]
-    ah = tl.load(a_ptr + 2 * N + n, mask=nmask, other=0.0).to(DT)[None, :]
-    if HAS_H0:
-        h0 = tl.load(h0_ptr + b * N + n, mask=nmask, other=0.0).to(DT)[None, :]
-    else:
-        h0 = tl.zeros([1, BLOCK_N], dtype=DT)
+    b, n, nmask = _channels(BLOCK_N, N)
+    rows = tl.arange(0, CHUNK)[:, None]
+    az, ar, ah = _gru_params(a_ptr, n, nmask, N, DT)
+    h0 = _state_row(h0_ptr + b * N, n, nmask, HAS_H0, DT, BLOCK_N)
     carry = tl.zeros([BLOCK_N], dtype=DT)  # lam at the first step of the chunk processed last
     dh0 = tl.zeros([BLOCK_N], dtype=DT)
     sz = tl.zeros([BLOCK_N], dtype=DT)
@@ -184,7 +307,7 @@ def _gru_bwd_kernel(u_ptr, a_ptr, h0_ptr, h_ptr, g_ptr, du_ptr, da_ptr, dh0_ptr,
     num_chunks = tl.cdiv(T, CHUNK)
     for kk in range(num_chunks):
         c0 = (num_chunks - 1 - kk) * CHUNK
-        t = (c0 + CHUNK - 1 - rows).to(tl.int64)[:, None]  # time-reversed tile
+        t = (c0 + CHUNK - 1 - rows).to(tl.int64)  # time-reversed tile
         mask = (t < T) & nmask[None, :]
         nxt = mask & (t + 1 < T)
         h_off = (b * T + t) * N + n[None, :]
@@ -192,21 +315,16 @@ def _gru_bwd_kernel(u_ptr, a_ptr, h0_ptr, h_ptr, g_ptr, du_ptr, da_ptr, dh0_ptr,
         g = tl.load(g_ptr + h_off, mask=mask, other=0.0).to(DT)
         # J_{t+1} at (h_t, u_{t+1}); 0 past the end of the sequence
         h_t = tl.load(h_ptr + h_off, mask=mask, other=0.0).to(DT)
-        _, jn = _gru_step_jac(h_t,
-                              tl.load(u_ptr + u_off + 3 * N, mask=nxt, other=0.0).to(DT),
-                              tl.load(u_ptr + u_off + 4 * N, mask=nxt, other=0.0).to(DT),
-                              tl.load(u_ptr + u_off + 5 * N, mask=nxt, other=0.0).to(DT),
-                              az, ar, ah)
+        nz, nr, nh = _drive(u_ptr, u_off + 3 * N, nxt, N, DT)
+        _, jn = _gru_step_jac(h_t, nz, nr, nh, az, ar, ah)
         jn = tl.where(nxt, jn, 0.0)
-        g = tl.where(rows[:, None] == 0, g + jn * carry[None, :], g)
+        g = tl.where(rows == 0, g + jn * carry[None, :], g)
         _, lam = tl.associative_scan((jn, g), 0, _combine_diag)
-        carry = tl.sum(tl.where(rows[:, None] == CHUNK - 1, lam, 0.0), axis=0)
+        carry = tl.sum(tl.where(rows == CHUNK - 1, lam, 0.0), axis=0)
         # local VJP at (h_{t-1}, u_t) with cotangent lam_t
         hp = tl.load(h_ptr + h_off - N, mask=mask & (t >= 1), other=0.0).to(DT)
         hp = tl.where(t == 0, h0, hp)
-        uz = tl.load(u_ptr + u_off, mask=mask, other=0.0).to(DT)
-        ur = tl.load(u_ptr + u_off + N, mask=mask, other=0.0).to(DT)
-        uh = tl.load(u_ptr + u_off + 2 * N, mask=mask, other=0.0).to(DT)
+        uz, ur, uh = _drive(u_ptr, u_off, mask, N, DT)
         z, r, c = _gru_gates(hp, uz, ur, uh, az, ar, ah)
         g_pz = lam * (c - hp) * z * (1.0 - z)
         g_pc = lam * z * (1.0 - c * c)
@@ -229,89 +347,61 @@ def _gru_bwd_kernel(u_ptr, a_ptr, h0_ptr, h_ptr, g_ptr, du_ptr, da_ptr, dh0_ptr,
 
 
 # ----------------------------------------------------------------------------- LSTM kernels
+@_autotune("forward")
 @triton.jit
-def _lstm_fwd_kernel(u_ptr, a_ptr, cpar_ptr, s0_ptr, s_ptr, res_ptr, T, N, num_iters,
-                     HAS_S0: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr):
+def _lstm_fwd_kernel(u_ptr, a_ptr, cpar_ptr, s0_ptr, s_ptr, res_ptr, T, N, num_iters, T_BUCKET,
+                     B_BUCKET, HAS_S0: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr):
     DT = s_ptr.dtype.element_ty
-    b = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = n < N
-    rows = tl.arange(0, CHUNK)
-    af = tl.load(a_ptr + n, mask=nmask, other=0.0).to(DT)[None, :]
-    ao = tl.load(a_ptr + N + n, mask=nmask, other=0.0).to(DT)[None, :]
-    ac = tl.load(a_ptr + 2 * N + n, mask=nmask, other=0.0).to(DT)[None, :]
-    cf = tl.load(cpar_ptr + n, mask=nmask, other=0.0).to(DT)[None, :]
-    co = tl.load(cpar_ptr + N + n, mask=nmask, other=0.0).to(DT)[None, :]
-    if HAS_S0:
-        c0v = tl.load(s0_ptr + b * 2 * N + n, mask=nmask, other=0.0).to(DT)[None, :]
-        h0v = tl.load(s0_ptr + b * 2 * N + N + n, mask=nmask, other=0.0).to(DT)[None, :]
-    else:
-        c0v = tl.zeros([1, BLOCK_N], dtype=DT)
-        h0v = tl.zeros([1, BLOCK_N], dtype=DT)
+    b, n, nmask = _channels(BLOCK_N, N)
+    rows = tl.arange(0, CHUNK)[:, None]
+    af, ao, ac, cf, co = _lstm_params(a_ptr, cpar_ptr, n, nmask, N, DT)
+    prev_c = _state_row(s0_ptr + b * 2 * N, n, nmask, HAS_S0, DT, BLOCK_N)
+    prev_h = _state_row(s0_ptr + b * 2 * N + N, n, nmask, HAS_S0, DT, BLOCK_N)
     res = tl.zeros([BLOCK_N], dtype=DT)
     for k in range(tl.cdiv(T, CHUNK)):
-        t = (k * CHUNK + rows).to(tl.int64)[:, None]
+        t = (k * CHUNK + rows).to(tl.int64)
         mask = (t < T) & nmask[None, :]
-        prev_mask = mask & (t >= 1)
-        u_off = ((b * T + t) * 3) * N + n[None, :]
-        uf = tl.load(u_ptr + u_off, mask=mask, other=0.0).to(DT)
-        uo = tl.load(u_ptr + u_off + N, mask=mask, other=0.0).to(DT)
-        uc = tl.load(u_ptr + u_off + 2 * N, mask=mask, other=0.0).to(DT)
-        s_off = ((b * T + t) * 2) * N + n[None, :]  # c at s_off, h at s_off + N
-        first = prev_mask & (rows[:, None] == 0)
-        cp = tl.where(t == 0, c0v, tl.load(s_ptr + s_off - 2 * N, mask=first, other=0.0))
-        hp = tl.where(t == 0, h0v, tl.load(s_ptr + s_off - N, mask=first, other=0.0))
-        c, h, j00, j01, j10, j11 = _lstm_step_jac(cp, hp, uf, uo, uc, af, ao, ac, cf, co)
+        uf, uo, uc = _drive(u_ptr, ((b * T + t) * 3) * N + n[None, :], mask, N, DT)
+        c, h, _, _, _, _ = _lstm_step_jac(tl.where(rows == 0, prev_c, 0.0),
+                                          tl.where(rows == 0, prev_h, 0.0),
+                                          uf, uo, uc, af, ao, ac, cf, co)
         for _ in range(num_iters):
-            tl.store(s_ptr + s_off, c, mask=mask)
-            tl.store(s_ptr + s_off + N, h, mask=mask)
-            tl.debug_barrier()
-            cp = tl.where(t == 0, c0v, tl.load(s_ptr + s_off - 2 * N, mask=prev_mask, other=0.0))
-            hp = tl.where(t == 0, h0v, tl.load(s_ptr + s_off - N, mask=prev_mask, other=0.0))
-            tl.debug_barrier()
-            fc, fh, j00, j01, j10, j11 = _lstm_step_jac(cp, hp, uf, uo, uc, af, ao, ac, cf, co)
-            first_row = rows[:, None] == 0  # the state before row 0 is exact
-            j00 = tl.where(first_row, 0.0, j00)
-            j01 = tl.where(first_row, 0.0, j01)
-            j10 = tl.where(first_row, 0.0, j10)
-            j11 = tl.where(first_row, 0.0, j11)
+            fc, fh, j00, j01, j10, j11 = _lstm_step_jac(
+                _shift_down(c, prev_c, CHUNK, BLOCK_N), _shift_down(h, prev_h, CHUNK, BLOCK_N),
+                uf, uo, uc, af, ao, ac, cf, co)
+            first = rows == 0  # the state before row 0 is exact
+            j00 = tl.where(first, 0.0, j00)
+            j01 = tl.where(first, 0.0, j01)
+            j10 = tl.where(first, 0.0, j10)
+            j11 = tl.where(first, 0.0, j11)
             _, _, _, _, dc, dh = tl.associative_scan((j00, j01, j10, j11, fc - c, fh - h), 0,
                                                      _combine_block2)
             c = c + dc
             h = h + dh
-        tl.store(s_ptr + s_off, c, mask=mask)
-        tl.store(s_ptr + s_off + N, h, mask=mask)
-        tl.debug_barrier()
-        cp = tl.where(t == 0, c0v, tl.load(s_ptr + s_off - 2 * N, mask=prev_mask, other=0.0))
-        hp = tl.where(t == 0, h0v, tl.load(s_ptr + s_off - N, mask=prev_mask, other=0.0))
-        tl.debug_barrier()
-        fc, fh, j00, j01, j10, j11 = _lstm_step_jac(cp, hp, uf, uo, uc, af, ao, ac, cf, co)
+        fc, fh, _, _, _, _ = _lstm_step_jac(
+            _shift_down(c, prev_c, CHUNK, BLOCK_N), _shift_down(h, prev_h, CHUNK, BLOCK_N),
+            uf, uo, uc, af, ao, ac, cf, co)
         err = tl.maximum(tl.abs(fc - c), tl.abs(fh - h))
         res = tl.maximum(res, tl.max(tl.where(mask, err, 0.0), axis=0))
-    tl.store(res_ptr + b * tl.num_programs(1) + pid_n, tl.max(res, axis=0))
+        s_off = ((b * T + t) * 2) * N + n[None, :]  # c at s_off, h at s_off + N
+        tl.store(s_ptr + s_off, c, mask=mask)
+        tl.store(s_ptr + s_off + N, h, mask=mask)
+        prev_c = _last_row(c, CHUNK)
+        prev_h = _last_row(h, CHUNK)
+    tl.store(res_ptr + b * N + n, res, mask=nmask)
 
 
+@_autotune("backward")
 @triton.jit
 def _lstm_bwd_kernel(u_ptr, a_ptr, cpar_ptr, s0_ptr, s_ptr, g_ptr, du_ptr, da_ptr, dc_ptr,
-                     ds0_ptr, T, N,
+                     ds0_ptr, T, N, T_BUCKET, B_BUCKET,
                      HAS_S0: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr):
     DT = da_ptr.dtype.element_ty
-    b = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = n < N
-    rows = tl.arange(0, CHUNK)
-    af = tl.load(a_ptr + n, mask=nmask, other=0.0).to(DT)[None, :]
-    ao = tl.load(a_ptr + N + n, mask=nmask, other=0.0).to(DT)[None, :]
-    ac = tl.load(a_ptr + 2 * N + n, mask=nmask, other=0.0).to(DT)[None, :]
-    cf = tl.load(cpar_ptr + n, mask=nmask, other=0.0).to(DT)[None, :]
-    co = tl.load(cpar_ptr + N + n, mask=nmask, other=0.0).to(DT)[None, :]
-    if HAS_S0:
-        c0v = tl.load(s0_ptr + b * 2 * N + n, mask=nmask, other=0.0).to(DT)[None, :]
-        h0v = tl.load(s0_ptr + b * 2 * N + N + n, mask=nmask, other=0.0).to(DT)[None, :]
-    else:
-        c0v = tl.zeros([1, BLOCK_N], dtype=DT)
-        h0v = tl.zeros([1, BLOCK_N], dtype=DT)
+    b, n, nmask = _channels(BLOCK_N, N)
+    rows = tl.arange(0, CHUNK)[:, None]
+    af, ao, ac, cf, co = _lstm_params(a_ptr, cpar_ptr, n, nmask, N, DT)
+    c0v = _state_row(s0_ptr + b * 2 * N, n, nmask, HAS_S0, DT, BLOCK_N)
+    h0v = _state_row(s0_ptr + b * 2 * N + N, n, nmask, HAS_S0, DT, BLOCK_N)
     carry_c = tl.zeros([BLOCK_N], dtype=DT)
     carry_h = tl.zeros([BLOCK_N], dtype=DT)
     ds0_c = tl.zeros([BLOCK_N], dtype=DT)
@@ -324,7 +414,7 @@ def _lstm_bwd_kernel(u_ptr, a_ptr, cpar_ptr, s0_ptr, s_ptr, g_ptr, du_ptr, da_pt
     num_chunks = tl.cdiv(T, CHUNK)
     for kk in range(num_chunks):
         c0 = (num_chunks - 1 - kk) * CHUNK
-        t = (c0 + CHUNK - 1 - rows).to(tl.int64)[:, None]  # time-reversed tile
+        t = (c0 + CHUNK - 1 - rows).to(tl.int64)  # time-reversed tile
         mask = (t < T) & nmask[None, :]
         nxt = mask & (t + 1 < T)
         s_off = ((b * T + t) * 2) * N + n[None, :]
@@ -332,32 +422,28 @@ def _lstm_bwd_kernel(u_ptr, a_ptr, cpar_ptr, s0_ptr, s_ptr, g_ptr, du_ptr, da_pt
         gc = tl.load(g_ptr + s_off, mask=mask, other=0.0).to(DT)
         gh = tl.load(g_ptr + s_off + N, mask=mask, other=0.0).to(DT)
         # J_{t+1} at (s_t, u_{t+1}); 0 past the end of the sequence
+        nf, no, nc = _drive(u_ptr, u_off + 3 * N, nxt, N, DT)
         _, _, j00, j01, j10, j11 = _lstm_step_jac(
             tl.load(s_ptr + s_off, mask=mask, other=0.0).to(DT),
             tl.load(s_ptr + s_off + N, mask=mask, other=0.0).to(DT),
-            tl.load(u_ptr + u_off + 3 * N, mask=nxt, other=0.0).to(DT),
-            tl.load(u_ptr + u_off + 4 * N, mask=nxt, other=0.0).to(DT),
-            tl.load(u_ptr + u_off + 5 * N, mask=nxt, other=0.0).to(DT),
-            af, ao, ac, cf, co)
+            nf, no, nc, af, ao, ac, cf, co)
         j00 = tl.where(nxt, j00, 0.0)
         j01 = tl.where(nxt, j01, 0.0)
         j10 = tl.where(nxt, j10, 0.0)
         j11 = tl.where(nxt, j11, 0.0)
-        first_row = rows[:, None] == 0
+        first_row = rows == 0
         # lam_t = g_t + J_{t+1}^T lam_{t+1}; the transposed matrix is (j00, j10; j01, j11)
         gc = tl.where(first_row, gc + j00 * carry_c[None, :] + j10 * carry_h[None, :], gc)
         gh = tl.where(first_row, gh + j01 * carry_c[None, :] + j11 * carry_h[None, :], gh)
         _, _, _, _, lc, lh = tl.associative_scan((j00, j10, j01, j11, gc, gh), 0, _combine_block2)
-        last_row = rows[:, None] == CHUNK - 1
+        last_row = rows == CHUNK - 1
         carry_c = tl.sum(tl.where(last_row, lc, 0.0), axis=0)
         carry_h = tl.sum(tl.where(last_row, lh, 0.0), axis=0)
         # local VJP at (s_{t-1}, u_t) with cotangent lam_t
         pm = mask & (t >= 1)
         cp = tl.where(t == 0, c0v, tl.load(s_ptr + s_off - 2 * N, mask=pm, other=0.0).to(DT))
         hp = tl.where(t == 0, h0v, tl.load(s_ptr + s_off - N, mask=pm, other=0.0).to(DT))
-        uf = tl.load(u_ptr + u_off, mask=mask, other=0.0).to(DT)
-        uo = tl.load(u_ptr + u_off + N, mask=mask, other=0.0).to(DT)
-        uc = tl.load(u_ptr + u_off + 2 * N, mask=mask, other=0.0).to(DT)
+        uf, uo, uc = _drive(u_ptr, u_off, mask, N, DT)
         f, ct, c, o, tc = _lstm_fwd(cp, hp, uf, uo, uc, af, ao, ac, cf, co)
         g_po = lh * tc * o * (1.0 - o)
         g_c = lc + lh * o * (1.0 - tc * tc) + g_po * co
@@ -389,41 +475,49 @@ def _lstm_bwd_kernel(u_ptr, a_ptr, cpar_ptr, s0_ptr, s_ptr, g_ptr, du_ptr, da_pt
 
 # ----------------------------------------------------------------------------- host side
 def _check(name: str, x, shape) -> None:
-    if x is None:
-        raise ValueError(f"{name} is required, expected shape {list(shape)}")
-    if not isinstance(x, torch.Tensor) or tuple(x.shape) != tuple(shape):
-        got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{name} must have shape {list(shape)}, got {got}")
+    check_shape(name, x, tuple(shape))
 
 
 def _setup(u, chunk, block_n):
-    """Validate ``u`` and the device; return (B, T, N, compute dtype, CHUNK, BLOCK_N)."""
-    if not isinstance(u, torch.Tensor) or u.dim() != 4 or u.shape[2] != 3:
-        got = list(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__
-        raise ValueError(f"u must have shape [B, T, 3, N], got {got}")
+    """Validate ``u``, the device and the optional tile override; return (B, T, N, compute dtype,
+    tile) with tile None (autotuned) or (CHUNK, BLOCK_N)."""
+    check_shape("u", u, (None, None, 3, None), "[B, T, 3, N]")
     B, T, _, N = u.shape
     if T < 1 or B < 1 or N < 1:
-        raise ValueError(f"u must have shape [B, T, 3, N] with B, T, N >= 1, got {list(u.shape)}")
+        raise ValueError(f"u has shape {tuple(u.shape)}; expected [B, T, 3, N] with B, T, N >= 1")
     if not u.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("fused Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set "
                          f"before import to run on CPU); got u on {u.device}")
-    chunk = DEFAULT_CHUNK if chunk is None else int(chunk)
-    block_n = DEFAULT_BLOCK_N if block_n is None else int(block_n)
+    dt = torch.float64 if u.dtype == torch.float64 else torch.float32
+    if chunk is None and block_n is None:
+        return B, T, N, dt, None
+    chunk = _OVERRIDE_DEFAULT if chunk is None else int(chunk)
+    block_n = _OVERRIDE_DEFAULT if block_n is None else int(block_n)
     for name, v in (("chunk", chunk), ("block_n", block_n)):
         if v < 2 or v & (v - 1):
             raise ValueError(f"{name} must be a power of two >= 2, got {v}")
-    chunk = min(chunk, max(16, triton.next_power_of_2(T)))
-    block_n = min(block_n, max(16, triton.next_power_of_2(N)))
-    dt = torch.float64 if u.dtype == torch.float64 else torch.float32
-    return B, T, N, dt, chunk, block_n
+    return B, T, N, dt, (_fit(T, chunk), _fit(N, block_n))
 
 
-def _prep(t, device):
-    if t is None:
-        return None
-    if t.device != device:
-        raise ValueError(f"all tensors must be on {device}, got one on {t.device}")
-    return t.contiguous()
+def _prep(ref, **tensors):
+    """The named tensors (None stays None), checked to be on ``ref``'s (u's) device, made
+    contiguous."""
+    for name, t in tensors.items():
+        if t is not None:
+            check_device(name, t, ref.device, "u")
+    return (t if t is None else t.contiguous() for t in tensors.values())
+
+
+def _launch(kernel, tile, B, T, N, *args, **consts):
+    """Run ``kernel(*args, T_BUCKET, B_BUCKET, **consts)`` over (B, channel blocks): autotuned,
+    or with the explicit ``tile`` = (CHUNK, BLOCK_N) through the undecorated kernel."""
+    keys = (triton.next_power_of_2(T), triton.next_power_of_2(B))
+    if tile is None:
+        kernel[lambda meta: (B, triton.cdiv(N, meta["BLOCK_N"]))](*args, *keys, **consts)
+    else:
+        chunk, block_n = tile
+        kernel.fn[(B, triton.cdiv(N, block_n))](*args, *keys, CHUNK=chunk, BLOCK_N=block_n,
+                                                 num_warps=_warps(chunk, block_n), **consts)
 
 
 def fused_gru_forward(u, A, h0=None, num_iters: int = 3, *, chunk: int | None = None,
@@ -433,18 +527,18 @@ def fused_gru_forward(u, A, h0=None, num_iters: int = 3, *, chunk: int | None = 
     u [B, T, 3, N] (rows z, r, h), A [3, N], h0 [B, N] or None (zeros).
     Returns (h [B, T, N], residual): h in fp32 (fp64 for fp64 ``u``); residual is a 0-dim tensor,
     ``max |f(h_{t-1}, u_t) - h_t|`` over everything after the last iteration.
-    ``chunk`` (time steps per tile) and ``block_n`` (channels per program) are powers of two.
+    ``chunk`` (time steps per tile) and ``block_n`` (channels per program), powers of two,
+    replace the autotuned launch configuration (tests, reproducibility).
     """
-    B, T, N, dt, CH, BN = _setup(u, chunk, block_n)
+    B, T, N, dt, tile = _setup(u, chunk, block_n)
     _check("A", A, (3, N))
     if h0 is not None:
         _check("h0", h0, (B, N))
-    u, A, h0 = (_prep(x, u.device) for x in (u, A, h0))
+    u, A, h0 = _prep(u, u=u, A=A, h0=h0)
     h = torch.empty(B, T, N, device=u.device, dtype=dt)
-    grid = (B, triton.cdiv(N, BN))
-    res = torch.zeros(grid[0] * grid[1], device=u.device, dtype=dt)
-    _gru_fwd_kernel[grid](u, A, h0 if h0 is not None else h, h, res, T, N, int(num_iters),
-                          HAS_H0=h0 is not None, CHUNK=CH, BLOCK_N=BN)
+    res = torch.empty(B, N, device=u.device, dtype=dt)
+    _launch(_gru_fwd_kernel, tile, B, T, N, u, A, h0 if h0 is not None else h, h, res, T, N,
+            int(num_iters), HAS_H0=h0 is not None)
     return h, res.max()
 
 
@@ -453,20 +547,18 @@ def fused_gru_backward(u, A, h0, h, grad_h, *, chunk: int | None = None,
     """Adjoint backward of ParaGRU at the solution ``h`` [B, T, N] with output cotangent
     ``grad_h`` [B, T, N]. Returns (du [B, T, 3, N] in u's dtype, dA [3, N] in A's dtype,
     dh0 [B, N] or None when ``h0`` is None)."""
-    B, T, N, dt, CH, BN = _setup(u, chunk, block_n)
+    B, T, N, dt, tile = _setup(u, chunk, block_n)
     _check("A", A, (3, N))
     if h0 is not None:
         _check("h0", h0, (B, N))
     _check("h", h, (B, T, N))
     _check("grad_h", grad_h, (B, T, N))
-    u, A, h0, h, grad_h = (_prep(x, u.device) for x in (u, A, h0, h, grad_h))
+    u, A, h0, h, grad_h = _prep(u, u=u, A=A, h0=h0, h=h, grad_h=grad_h)
     du = torch.empty_like(u)
     dA = torch.empty(B, 3, N, device=u.device, dtype=dt)
     dh0 = torch.empty(B, N, device=u.device, dtype=dt) if h0 is not None else None
-    grid = (B, triton.cdiv(N, BN))
-    _gru_bwd_kernel[grid](u, A, h0 if h0 is not None else h, h, grad_h, du, dA,
-                          dh0 if dh0 is not None else dA, T, N,
-                          HAS_H0=h0 is not None, CHUNK=CH, BLOCK_N=BN)
+    _launch(_gru_bwd_kernel, tile, B, T, N, u, A, h0 if h0 is not None else h, h, grad_h, du, dA,
+            dh0 if dh0 is not None else dA, T, N, HAS_H0=h0 is not None)
     dh0 = dh0.to(h0.dtype) if dh0 is not None else None
     return du, dA.sum(0).to(A.dtype), dh0
 
@@ -478,17 +570,16 @@ def fused_lstm_forward(u, A, C, s0=None, num_iters: int = 3, *, chunk: int | Non
     u [B, T, 3, N] rows (f, o, c); A [3, N] rows (f, o, c); C [2, N] peepholes (f, o);
     s0 [B, 2, N] or None (zeros). Returns (s [B, T, 2, N] with rows (c, h), residual as for GRU).
     """
-    B, T, N, dt, CH, BN = _setup(u, chunk, block_n)
+    B, T, N, dt, tile = _setup(u, chunk, block_n)
     _check("A", A, (3, N))
     _check("C", C, (2, N))
     if s0 is not None:
         _check("s0", s0, (B, 2, N))
-    u, A, C, s0 = (_prep(x, u.device) for x in (u, A, C, s0))
+    u, A, C, s0 = _prep(u, u=u, A=A, C=C, s0=s0)
     s = torch.empty(B, T, 2, N, device=u.device, dtype=dt)
-    grid = (B, triton.cdiv(N, BN))
-    res = torch.zeros(grid[0] * grid[1], device=u.device, dtype=dt)
-    _lstm_fwd_kernel[grid](u, A, C, s0 if s0 is not None else s, s, res, T, N, int(num_iters),
-                           HAS_S0=s0 is not None, CHUNK=CH, BLOCK_N=BN)
+    res = torch.empty(B, N, device=u.device, dtype=dt)
+    _launch(_lstm_fwd_kernel, tile, B, T, N, u, A, C, s0 if s0 is not None else s, s, res, T, N,
+            int(num_iters), HAS_S0=s0 is not None)
     return s, res.max()
 
 
@@ -496,21 +587,19 @@ def fused_lstm_backward(u, A, C, s0, s, grad_s, *, chunk: int | None = None,
                         block_n: int | None = None):
     """Adjoint backward of ParaLSTM at the solution ``s`` [B, T, 2, N] with cotangent ``grad_s``
     [B, T, 2, N]. Returns (du [B, T, 3, N], dA [3, N], dC [2, N], ds0 [B, 2, N] or None)."""
-    B, T, N, dt, CH, BN = _setup(u, chunk, block_n)
+    B, T, N, dt, tile = _setup(u, chunk, block_n)
     _check("A", A, (3, N))
     _check("C", C, (2, N))
     if s0 is not None:
         _check("s0", s0, (B, 2, N))
     _check("s", s, (B, T, 2, N))
     _check("grad_s", grad_s, (B, T, 2, N))
-    u, A, C, s0, s, grad_s = (_prep(x, u.device) for x in (u, A, C, s0, s, grad_s))
+    u, A, C, s0, s, grad_s = _prep(u, u=u, A=A, C=C, s0=s0, s=s, grad_s=grad_s)
     du = torch.empty_like(u)
     dA = torch.empty(B, 3, N, device=u.device, dtype=dt)
     dC = torch.empty(B, 2, N, device=u.device, dtype=dt)
     ds0 = torch.empty(B, 2, N, device=u.device, dtype=dt) if s0 is not None else None
-    grid = (B, triton.cdiv(N, BN))
-    _lstm_bwd_kernel[grid](u, A, C, s0 if s0 is not None else s, s, grad_s, du, dA, dC,
-                           ds0 if ds0 is not None else dA, T, N,
-                           HAS_S0=s0 is not None, CHUNK=CH, BLOCK_N=BN)
+    _launch(_lstm_bwd_kernel, tile, B, T, N, u, A, C, s0 if s0 is not None else s, s, grad_s, du,
+            dA, dC, ds0 if ds0 is not None else dA, T, N, HAS_S0=s0 is not None)
     ds0 = ds0.to(s0.dtype) if ds0 is not None else None
     return du, dA.sum(0).to(A.dtype), dC.sum(0).to(C.dtype), ds0

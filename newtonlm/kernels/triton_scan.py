@@ -34,23 +34,67 @@ import torch
 import triton
 import triton.language as tl
 
-# Launch parameters, chosen for H100/H200 (132 SMs, at most 32 resident blocks per SM) without
-# measurements yet. BLOCK_N = 64 channels per program with 2 warps: one channel per thread and
-# 256-byte coalesced fp32 loads per time step. A program is latency bound (each step waits for
-# its loads, then one dependent FMA chain), so throughput comes from many resident programs:
-# below _MIN_PROGRAMS (batch x channel-block) programs, time is split into chunks aiming at
-# _TARGET_PROGRAMS programs (~32 per SM), never shorter than _MIN_CHUNK steps so that the
-# per-chunk summaries (P, S) stay a small fraction (<= 1/32) of the traffic. Chunking reads J
-# and r twice (5 instead of 3 passes over [B, T, N]), so it is skipped once the grid is half full.
-_BLOCK_N = 64
+from .checks import check_device, check_shape
+
+# Decided once, like Triton itself decides at import whether kernels are interpreted.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Launch parameters of the chunk kernels (phases 1 and 3) are triton.autotune configurations
+# (:func:`launch_configs`), keyed on N, the T and B buckets (powers of two) and the phase. A
+# program is latency bound (each step waits for its loads, then one dependent FMA chain), so the
+# candidates vary the channels per program (one per thread: BLOCK_N / 32 warps, coalesced loads
+# of 4 * BLOCK_N bytes per step) and the software-pipelining depth (num_stages: loads of later
+# time steps issued ahead of the recurrence). Under the interpreter there is exactly one
+# configuration (autotuning with several needs a GPU driver).
+INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 64}, num_warps=2, num_stages=1)
+_GPU_BLOCKS = (32, 64, 128)
+_GPU_STAGES = (1, 2, 4)
+# The chunk length is not a per-kernel launch parameter: it sets the [B, C, ...] carry buffers
+# shared by the three phases, so it is chosen here from the number of programs. Below
+# _MIN_PROGRAMS (batch x channel-block, counted with _NOMINAL_BLOCK_N channels) programs, time is
+# split into chunks aiming at _TARGET_PROGRAMS programs (~32 per SM of an H100/H200), never
+# shorter than _MIN_CHUNK steps so that the per-chunk summaries (P, S) stay a small fraction
+# (<= 1/32) of the traffic. Chunking reads J and r twice (5 instead of 3 passes over [B, T, N]),
+# so it is skipped once the grid is half full. These are estimates, not yet measured on a GPU.
+_NOMINAL_BLOCK_N = 64
 _MIN_CHUNK = 64
 _MIN_PROGRAMS = 2048
 _TARGET_PROGRAMS = 4096
+# The carry pass (phase 2) runs B x N / 64 programs over C chunk summaries, a few percent of the
+# traffic; it updates S in place, so it keeps one fixed launch instead of being benchmarked.
+_CARRY_META = {"BLOCK_N": 64, "num_warps": 2}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def launch_configs(interpret: bool = INTERPRET) -> list:
+    """The autotuning candidates of the chunk kernels: ``[INTERPRETER_CONFIG]`` under the
+    interpreter, else ``triton.Config({"BLOCK_N"}, num_warps=BLOCK_N // 32, num_stages)``."""
+    if interpret:
+        return [INTERPRETER_CONFIG]
+    return [triton.Config({"BLOCK_N": bn}, num_warps=bn // 32, num_stages=s)
+            for bn in _GPU_BLOCKS for s in _GPU_STAGES]
+
+
+def _fit_configs(configs, named_args, **kwargs):
+    """Autotune pruning: no wider than the channels need (>= 16), warps to match; no duplicates."""
+    width = max(16, triton.next_power_of_2(named_args["N"]))
+    out = {}
+    for cfg in configs:
+        bn = min(cfg.kwargs["BLOCK_N"], width)
+        fitted = triton.Config({"BLOCK_N": bn}, num_warps=max(1, bn // 32), num_stages=cfg.num_stages)
+        out.setdefault(str(fitted), fitted)
+    return list(out.values())
+
+
+def _autotune(fn):
+    """T_BUCKET and B_BUCKET are kernel arguments used only as the autotuning key."""
+    return triton.autotune(configs=launch_configs(), key=["N", "T_BUCKET", "B_BUCKET", "SUMMARY"],
+                           prune_configs_by={"early_config_prune": _fit_configs})(fn)
+
+
+@_autotune
 @triton.jit
-def _diag_chunk_kernel(J, R, INIT, OUT, P, S, T, N, L, C, HAS_INIT: tl.constexpr,
+def _diag_chunk_kernel(J, R, INIT, OUT, P, S, T, N, L, C, T_BUCKET, B_BUCKET, HAS_INIT: tl.constexpr,
                        SUMMARY: tl.constexpr, REVERSE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Scan chunk c of batch b: from INIT[b, c] (or zero), writes OUT (output mode) or the
     chunk's product of J and final state to P[b, c], S[b, c] (summary mode). INIT: [B, C, N]."""
@@ -117,8 +161,9 @@ def _diag_carry_kernel(H0, P, S, N, C, HAS_H0: tl.constexpr, REVERSE: tl.constex
         off += delta
 
 
+@_autotune
 @triton.jit
-def _block2_chunk_kernel(J, R, INIT, OUT, P, S, T, N, L, C, HAS_INIT: tl.constexpr,
+def _block2_chunk_kernel(J, R, INIT, OUT, P, S, T, N, L, C, T_BUCKET, B_BUCKET, HAS_INIT: tl.constexpr,
                          SUMMARY: tl.constexpr, REVERSE: tl.constexpr, BLOCK_N: tl.constexpr):
     """2x2-block version of ``_diag_chunk_kernel``. J: [B, T, 2, 2, N]; R, OUT: [B, T, 2, N];
     INIT, S: [B, C, 2, N]; P: [B, C, 2, 2, N] (product J_last ... J_first of the chunk)."""
@@ -211,25 +256,22 @@ def _block2_carry_kernel(H0, P, S, N, C, HAS_H0: tl.constexpr, REVERSE: tl.const
         s_off += delta
 
 
-def _check(name: str, x, shape: tuple, expected: str, ref) -> None:
-    """ValueError unless ``x`` is a float tensor of ``shape`` (None entries match any size) on
-    ``ref``'s device; TypeError if it is not a tensor. ``expected`` describes the layout."""
+def _check(name: str, x, shape: tuple, doc: str, ref) -> None:
+    """``x`` must be a float tensor of ``shape`` (None entries match any size, ``doc`` names the
+    layout) on ``ref``'s device: TypeError if it is no tensor, else ValueError."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, x.shape)):
-        want = expected if None in shape else f"{tuple(shape)} {expected}"
-        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {want}")
+    check_shape(name, x, shape, doc)
     if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{name} has dtype {x.dtype}, expected float16, bfloat16, float32 or "
+        raise ValueError(f"{name} has dtype {x.dtype}; expected float16, bfloat16, float32 or "
                          "float64")
-    if x.device != ref.device:
-        raise ValueError(f"{name} is on {x.device}, expected {ref.device} like r")
+    check_device(name, x, ref.device, "r")
 
 
-def _pick_chunk(B: int, T: int, n_blocks: int) -> int:
+def _pick_chunk(B: int, T: int, N: int) -> int:
     """Chunk length: the whole sequence if batch x channel blocks already fill the GPU, else
     enough chunks to reach ~_TARGET_PROGRAMS programs, each at least _MIN_CHUNK long."""
-    programs = B * n_blocks
+    programs = B * triton.cdiv(N, _NOMINAL_BLOCK_N)
     if programs >= _MIN_PROGRAMS:
         return T
     want_chunks = triton.cdiv(_TARGET_PROGRAMS, programs)
@@ -250,33 +292,37 @@ def _scan(chunk_kernel, carry_kernel, J, r, h0, reverse, chunk, block_n, state_s
         return out
     J, r = J.contiguous(), r.contiguous()
     h0 = h0.contiguous() if h0 is not None else None
-    if block_n is None:
-        block_n = min(_BLOCK_N, max(16, triton.next_power_of_2(N)))
-    if block_n < 16 or block_n & (block_n - 1):
+    if block_n is not None and (block_n < 16 or block_n & (block_n - 1)):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
-    n_blocks = triton.cdiv(N, block_n)
     if chunk is None:
-        chunk = _pick_chunk(B, T, n_blocks)
+        chunk = _pick_chunk(B, T, N)
     if chunk < 1:
         raise ValueError(f"chunk must be a positive number of time steps, got {chunk}")
     C = triton.cdiv(T, chunk)
-    meta = {"REVERSE": bool(reverse), "BLOCK_N": block_n, "num_warps": max(1, block_n // 32)}
+    keys = (triton.next_power_of_2(T), triton.next_power_of_2(B))
+
+    def run_chunks(rows, *args, **consts):  # autotuned, or the explicit block_n
+        if block_n is None:
+            chunk_kernel[lambda m: (rows, triton.cdiv(N, m["BLOCK_N"]))](*args, *keys, **consts)
+        else:
+            chunk_kernel.fn[(rows, triton.cdiv(N, block_n))](
+                *args, *keys, BLOCK_N=block_n, num_warps=max(1, block_n // 32), **consts)
+
     # Triton launches on the current CUDA device: make it r's.
     with torch.cuda.device(r.device) if r.is_cuda else contextlib.nullcontext():
         if C == 1:  # single pass straight from h0 (read as a [B, 1, *state] carry buffer)
-            chunk_kernel[(B, n_blocks)](J, r, h0 if h0 is not None else out, out, out, out,
-                                        T, N, T, 1, HAS_INIT=h0 is not None, SUMMARY=False,
-                                        **meta)
+            run_chunks(B, J, r, h0 if h0 is not None else out, out, out, out, T, N, T, 1,
+                       HAS_INIT=h0 is not None, SUMMARY=False, REVERSE=bool(reverse))
             return out
         carry = torch.empty((B, C, *state_shape), dtype=acc, device=r.device)
         prod = torch.empty((B, C, *state_shape[:-1], *state_shape), dtype=acc, device=r.device)
-        grid = (B * C, n_blocks)
-        chunk_kernel[grid](J, r, out, out, prod, carry, T, N, chunk, C,
-                           HAS_INIT=False, SUMMARY=True, **meta)
-        carry_kernel[(B, n_blocks)](h0 if h0 is not None else carry, prod, carry, N, C,
-                                    HAS_H0=h0 is not None, **meta)
-        chunk_kernel[grid](J, r, carry, out, prod, carry, T, N, chunk, C,
-                           HAS_INIT=True, SUMMARY=False, **meta)
+        run_chunks(B * C, J, r, out, out, prod, carry, T, N, chunk, C,
+                   HAS_INIT=False, SUMMARY=True, REVERSE=bool(reverse))
+        carry_kernel[(B, triton.cdiv(N, _CARRY_META["BLOCK_N"]))](
+            h0 if h0 is not None else carry, prod, carry, N, C, HAS_H0=h0 is not None,
+            REVERSE=bool(reverse), **_CARRY_META)
+        run_chunks(B * C, J, r, carry, out, prod, carry, T, N, chunk, C,
+                   HAS_INIT=True, SUMMARY=False, REVERSE=bool(reverse))
     return out
 
 
@@ -292,9 +338,9 @@ def triton_scan_diag(J: torch.Tensor, r: torch.Tensor, h0: torch.Tensor | None =
     """
     _check("r", r, (None, None, None), "[B, T, N]", r)
     B, T, N = r.shape
-    _check("J", J, (B, T, N), "like r [B, T, N]", r)
+    _check("J", J, (B, T, N), "[B, T, N] like r", r)
     if h0 is not None:
-        _check("h0", h0, (B, N), "[B, N] like r [B, T, N]", r)
+        _check("h0", h0, (B, N), "[B, N]", r)
     return _scan(_diag_chunk_kernel, _diag_carry_kernel, J, r, h0, reverse, chunk, block_n, (N,))
 
 
@@ -311,8 +357,8 @@ def triton_scan_block2(J: torch.Tensor, r: torch.Tensor, h0: torch.Tensor | None
     """
     _check("r", r, (None, None, 2, None), "[B, T, 2, N]", r)
     B, T, _, N = r.shape
-    _check("J", J, (B, T, 2, 2, N), "[B, T, 2, 2, N] like r [B, T, 2, N]", r)
+    _check("J", J, (B, T, 2, 2, N), "[B, T, 2, 2, N]", r)
     if h0 is not None:
-        _check("h0", h0, (B, 2, N), "[B, 2, N] like r [B, T, 2, N]", r)
+        _check("h0", h0, (B, 2, N), "[B, 2, N]", r)
     return _scan(_block2_chunk_kernel, _block2_carry_kernel, J, r, h0, reverse, chunk, block_n,
                  (2, N))
