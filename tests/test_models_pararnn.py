@@ -171,15 +171,25 @@ def test_newton_telemetry_per_layer():
     ids = torch.randint(0, VOCAB, (2, 64))
     model(ids, use_cache=False)
     stats = newton_stats(model)
-    for i in range(4):
+    for i in range(4):  # Newton answered every call, in 3 iterations
+        assert stats[f"newton/layer{i}/path"] == "newton" and stats[f"newton/layer{i}/newton"] == 1
         assert stats[f"newton/layer{i}/iterations"] == 3.0
-        assert stats[f"newton/layer{i}/residual"] < 1e-5
-        assert stats[f"newton/layer{i}/fallbacks"] == 0.0
-    assert stats["newton/calls"] == 4.0 and stats["newton/mean_iterations"] == 3.0
-    assert 0 < stats["newton/max_residual"] < 1e-5
+        assert stats[f"newton/layer{i}/extra_iterations"] == 0
+        assert stats[f"newton/layer{i}/residual"] < 2e-6
+        assert len(stats[f"newton/layer{i}/history"]) == 4
+        assert stats[f"newton/layer{i}/fallbacks"] == 0 and stats[f"newton/layer{i}/sequential"] == 0
+    assert stats["newton/calls"] == 4 and stats["newton/mean_iterations"] == 3.0
+    assert 0 < stats["newton/max_residual"] < 2e-6 and stats["newton/fallback_rate"] == 0.0
     newton_stats(model, reset=True)
-    assert newton_stats(model)["newton/calls"] == 0.0
+    assert newton_stats(model)["newton/calls"] == 0
     assert newton_stats(build_model(load_preset("llama_demo"), VOCAB)) == {}
+    # the sequential path (CPU "auto") is no Newton run: no iterations, no residual
+    model = _model("paragru", cell_mode="sequential")
+    model(ids, use_cache=False)
+    stats = newton_stats(model)
+    assert stats["newton/layer0/path"] == "sequential" and stats["newton/layer0/sequential"] == 1
+    assert stats["newton/layer0/residual"] is None and stats["newton/layer0/iterations"] is None
+    assert stats["newton/mean_iterations"] is None and stats["newton/max_residual"] is None
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -19,11 +19,11 @@ def independent_drive(x, B, b, H):
     return u + b
 
 
-@pytest.mark.parametrize("cls, names", [(ParaGRU, {"A", "B", "b"}), (ParaLSTM, {"A", "B", "b", "C"})])
+@pytest.mark.parametrize("cls, names", [(ParaGRU, ["A", "B", "b"]), (ParaLSTM, ["A", "B", "C", "b"])])
 def test_parameter_layout_matches_reference_implementation(cls, names):
     layer = cls(24, 32, num_heads=4)
     shapes = {n: tuple(p.shape) for n, p in layer.named_parameters()}
-    assert set(shapes) == names
+    assert list(shapes) == names  # the reference's registration order
     assert shapes["A"] == (3, 32) and shapes["B"] == (4, 6, 3, 8) and shapes["b"] == (3, 32)
     if cls is ParaLSTM:
         assert shapes["C"] == (2, 32)
@@ -52,18 +52,6 @@ def test_forward_equals_step_by_step(cls):
     # continuing from a state equals running the concatenation
     h2 = layer(x[:, 10:], state=layer(x[:, :10], return_state=True)[1])
     torch.testing.assert_close(h2, h[:, 10:], rtol=1e-12, atol=1e-12)
-
-
-def test_reference_init():
-    N = 256
-    layer = ParaLSTM(64, N, 4, init="reference")
-    std = 2 / math.sqrt(5 * N)
-    for p in (layer.A, layer.C):
-        assert abs(p.std().item() - std) < 0.1 * std and abs(p.mean().item()) < 0.2 * std
-    torch.testing.assert_close(layer.b[0], -torch.linspace(0, 1, N))
-    assert (layer.b[1:] == 0).all() and layer.a_max is None
-    bound = math.sqrt(6 / (16 + 3 * N // 4))
-    assert layer.B.abs().max() <= bound and layer.B.abs().max() > 0.9 * bound
 
 
 def test_lm_init_bounds_recurrent_weights_in_forward():

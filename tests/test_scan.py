@@ -114,7 +114,7 @@ def test_without_triton_auto_falls_back_to_pytorch_paths(monkeypatch):
                         lambda name, *a: None if name == "triton" else real(name, *a))
     cuda = torch.device("cuda")
     assert not scan.triton_usable(cuda)
-    assert scan.default_backend(cuda) == "doubling"
+    assert scan.choose_path("auto", cuda, "diag", "backward", torch.float32).scan == "doubling"
     assert resolve_mode("auto", GRU, cuda) == "parallel"
     with pytest.raises(ValueError, match="needs the triton package"):
         resolve_mode("fused", GRU, cuda)

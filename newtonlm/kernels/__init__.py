@@ -4,16 +4,18 @@ Layers: :class:`ParaGRU`, :class:`ParaLSTM`, :class:`ParaRNN` (any cell).
 Functional: :func:`parallel_rnn` (forward solve + adjoint backward), :func:`linear_scan`.
 Custom cells: subclass :class:`Cell`, set ``structure`` ("diag" or "block2") and ``num_gates``,
 write ``step(h, u, params)``; Jacobians come from ``torch.func``.
+Paths: :func:`choose_path` decides what runs for (mode, device, structure, direction, dtype).
+Telemetry: :class:`NewtonStats` per layer, :func:`newton_telemetry` flattens several for logs.
 """
 
 from .cells import BLOCK2, DIAG, GRU, LSTM, Cell, GRUCell, LSTMCell
-from .function import MODES, parallel_rnn
-from .modules import ParaGRU, ParaLSTM, ParaRNN
-from .newton import NewtonConfig, NewtonDivergence, NewtonStats
-from .scan import linear_scan
+from .function import parallel_rnn
+from .modules import ParaGRU, ParaLSTM, ParaRNN, accept_clamped_weights
+from .newton import NewtonConfig, NewtonDivergence, NewtonStats, newton_telemetry
+from .scan import MODES, Path, choose_path, linear_scan
 
 __all__ = [
     "BLOCK2", "DIAG", "GRU", "LSTM", "MODES", "Cell", "GRUCell", "LSTMCell", "NewtonConfig",
-    "NewtonDivergence", "NewtonStats", "ParaGRU", "ParaLSTM", "ParaRNN", "linear_scan",
-    "parallel_rnn",
+    "NewtonDivergence", "NewtonStats", "ParaGRU", "ParaLSTM", "ParaRNN", "Path",
+    "accept_clamped_weights", "choose_path", "linear_scan", "newton_telemetry", "parallel_rnn",
 ]

@@ -10,12 +10,14 @@ and then ``du_t``, ``d params`` and ``dh0`` are vector-Jacobian products of ``f`
 ``(h_{t-1}, u_t)`` with ``lambda_t``, evaluated for all t at once. No autograd through a time loop
 or through Newton iterates.
 
-Modes:
+Modes (what runs for each is decided by :func:`~newtonlm.kernels.scan.choose_path`, one table in
+docs/kernels.md):
   "sequential" apply f step by step (compiled C loop for the built-in cells on CPU);
   "parallel"   Newton in PyTorch, linear solves by the compiled CPU scan (CPU) or log-depth
                doubling (GPU);
   "triton"     Newton in PyTorch, linear solves by the Triton scan kernels;
   "fused"      the whole Newton routine and the adjoint in one Triton kernel each (GRU/LSTM only);
+               a result the kernel leaves unconverged gets extra Newton iterations with Triton scans;
   "auto"       the fastest measured path for the device (docs/benchmarks.md): CPU -> "sequential"
                (on a few cores a Newton forward does ~4x the work of one pass and loses, for the
                compiled GRU/LSTM loops and for custom cells' PyTorch loops alike); CUDA -> "fused"
@@ -27,55 +29,32 @@ from __future__ import annotations
 import torch
 
 from . import cpu_ext
-from .cells import BLOCK2, DIAG, Cell, GRUCell, LSTMCell
-from .newton import NewtonConfig, NewtonStats, shift, solve, state_shape
-from .scan import linear_scan, triton_usable
-
-MODES = ("auto", "sequential", "parallel", "triton", "fused")
-
-
-def _is_builtin(cell) -> bool:
-    return type(cell) in (GRUCell, LSTMCell)
+from .cells import BLOCK2, DIAG, Cell, GRUCell
+from .checks import check_device, check_floating, check_shape
+from .newton import NewtonConfig, NewtonStats, is_builtin, shift, solve, state_shape
+from .scan import MODES, choose_path, linear_scan
 
 
 def resolve_mode(mode: str, cell: Cell, device: torch.device) -> str:
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r}; expected one of {MODES}")
-    if mode == "auto":
-        if device.type == "cuda":
-            if not triton_usable(device):
-                return "parallel"
-            return "fused" if _is_builtin(cell) else "triton"
-        return "sequential"
-    if mode in ("triton", "fused") and not triton_usable(device):
-        raise ValueError(f"mode={mode!r} needs the triton package and CUDA tensors (got {device}) "
-                         "or TRITON_INTERPRET=1 set before newtonlm is imported; use mode='auto'")
-    if mode == "fused" and not _is_builtin(cell):
-        raise ValueError(f"mode='fused' exists for the built-in GRU/LSTM cells only, not for "
-                         f"{type(cell).__name__}; use mode='triton' or 'parallel'")
-    return mode
+    """The forward solve that ``mode`` means for ``cell`` on ``device`` (see
+    :func:`~newtonlm.kernels.scan.choose_path`)."""
+    dtype = torch.float32  # the mode does not depend on the dtype
+    return choose_path(mode, device, cell.structure, "forward", dtype, is_builtin(cell)).mode
 
 
-def _backward_scan_backend(mode: str, device: torch.device) -> str:
-    if mode in ("triton", "fused"):
-        return "triton"
-    if device.type == "cpu":
-        return "cpu" if cpu_ext.available() else "torch"
-    return "triton" if mode == "sequential" and triton_usable(device) else "doubling"
-
-
-def adjoint_backward(cell, u, params, h0, h, grad_h, scan_backend: str):
+def adjoint_backward(cell, u, params, h0, h, grad_h, scan_backend: str | None, fused: str | None = None):
     """Gradients (du, dh0, dparams) from the converged states ``h`` and ``grad_h = dL/dh``.
 
-    For the built-in cells on CPU the compiled kernel does the same computation in one fused pass
-    (the carried ``J_{t+1}^T lambda_{t+1}`` is the VJP of step t+1 with respect to h_t)."""
-    if scan_backend == "cpu" and cpu_ext.supports(u, h0, h, grad_h, *params):
+    ``fused == "c"`` (the built-in cells on CPU, see ``choose_path``): the compiled kernel does the
+    same computation in one fused pass (the carried ``J_{t+1}^T lambda_{t+1}`` is the VJP of step
+    t+1 with respect to h_t). Otherwise one reversed ``linear_scan`` on ``scan_backend`` and the
+    cell's VJP for all t at once."""
+    if fused == "c":
         if type(cell) is GRUCell:
             du, dA, dh0 = cpu_ext.gru_adjoint(u, params[0], h0, h, grad_h)
             return du, dh0, (dA,)
-        if type(cell) is LSTMCell:
-            du, dA, dC, dh0 = cpu_ext.lstm_adjoint(u, params[0], params[1], h0, h, grad_h)
-            return du, dh0, (dA, dC)
+        du, dA, dC, dh0 = cpu_ext.lstm_adjoint(u, params[0], params[1], h0, h, grad_h)
+        return du, dh0, (dA, dC)
     h_prev = shift(h, h0, cell.structure)
     J = cell.jacobian(h_prev, u, params)
     # A_t = J_{t+1}^T for t < T-1 and 0 at the end: lambda_t = g_t + A_t lambda_{t+1}
@@ -115,8 +94,9 @@ class _ParallelRNN(torch.autograd.Function):
                                                                    grad_h)
                 dparams = (dA, dC)
         else:
-            du, dh0, dparams = adjoint_backward(cell, u, tuple(params), h0, h, grad_h,
-                                                _backward_scan_backend(mode, u.device))
+            path = choose_path(mode, u.device, cell.structure, "backward", u.dtype, is_builtin(cell))
+            du, dh0, dparams = adjoint_backward(cell, u, tuple(params), h0, h, grad_h.to(u.dtype),
+                                                path.scan, path.fused)
         dparams = tuple(g.to(p.dtype) for g, p in zip(dparams, params))
         dh0 = dh0 if ctx.has_h0 else None
         return (None, None, None, None, du.to(u.dtype), dh0, *dparams)
@@ -127,26 +107,20 @@ def _check_inputs(cell, u, params, h0):
         raise ValueError(f"cell is {type(cell).__name__}; expected a newtonlm.kernels.Cell")
     if cell.structure not in (DIAG, BLOCK2):
         raise ValueError(f"cell.structure={cell.structure!r}; expected 'diag' or 'block2'")
-    if not isinstance(u, torch.Tensor) or u.dim() != 4 or u.shape[2] != cell.num_gates:
-        shape = tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__
-        raise ValueError(f"u has shape {shape}; expected [B, T, {cell.num_gates}, N] "
-                         f"(B batch, T time, {cell.num_gates} gate rows of cell {cell.name!r})")
+    K = cell.num_gates
+    check_shape("u", u, (None, None, K, None),
+                f"[B, T, {K}, N] (B batch, T time, {K} gate rows of cell {cell.name!r})")
     if u.shape[1] == 0:
         raise ValueError(f"u has shape {tuple(u.shape)}; expected at least one time step (T >= 1)")
-    if not u.dtype.is_floating_point:
-        raise ValueError(f"u has dtype {u.dtype}; expected a floating-point dtype")
+    check_floating("u", u)
     B, _, _, N = u.shape
-    want = (B, N) if cell.structure == DIAG else (B, 2, N)
     if h0 is not None:
-        if tuple(h0.shape) != want:
-            raise ValueError(f"h0 has shape {tuple(h0.shape)}; expected {want}")
-        if h0.device != u.device:
-            raise ValueError(f"h0 is on {h0.device}; expected {u.device} like u")
+        check_shape("h0", h0, (B, N) if cell.structure == DIAG else (B, 2, N))
+        check_device("h0", h0, u.device, "u")
     for i, p in enumerate(params):
         if not isinstance(p, torch.Tensor):
             raise ValueError(f"params[{i}] is {type(p).__name__}; expected a tensor")
-        if p.device != u.device:
-            raise ValueError(f"params[{i}] is on {p.device}; expected {u.device} like u")
+        check_device(f"params[{i}]", p, u.device, "u")
 
 
 def parallel_rnn(cell: Cell, u: torch.Tensor, params: tuple = (), h0: torch.Tensor | None = None, *,

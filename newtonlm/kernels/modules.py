@@ -1,32 +1,46 @@
 """nn.Modules: ParaGRU, ParaLSTM and ParaRNN (any :class:`~newtonlm.kernels.cells.Cell`).
 
-Parameters follow the ParaRNN reference implementation so that its state_dicts load one-to-one:
+Parameters follow the ParaRNN reference implementation so that its state_dicts load one-to-one,
+registered in its order (A, B, then ParaLSTM's C, then b):
 
 * ``A [K, N]``: diagonal recurrent weights, one row per gate (GRU: z, r, h; LSTM: f, o, c);
 * ``B [H, D/H, K, N/H]``: block-diagonal (multi-head) input projection;
-* ``b [K, N]``: gate biases;
-* ``C [2, N]`` (ParaLSTM): peephole weights (f, o).
+* ``C [2, N]`` (ParaLSTM): peephole weights (f, o);
+* ``b [K, N]``: gate biases.
 
 Initialization (``init=``):
 
-* ``"reference"``: A and C ~ N(0, (2/sqrt(5N))^2) (xLSTM-style), B xavier-uniform, the first bias
-  row -linspace(0, 1, N), the other rows 0; no bound on A and C.
+* ``"reference"``: the reference's initialization, draw for draw (the same seed gives the same
+  tensors on CPU): its base class first fills every parameter (in registration order) with
+  U(-1/sqrt(N), 1/sqrt(N)), then A and C ~ N(0, (2/sqrt(5N))^2) (xLSTM-style), B xavier-uniform
+  with fan-in D/H and fan-out N (ParaGRU) or N/H (ParaLSTM), the first bias row -linspace(0, 1, N),
+  the other rows 0; no bound on A and C. Custom cells follow ParaGRU.
 * ``"lm"`` (what reproductions use for language-model training): the same A and C draw, B
   kaiming-uniform, biases 0, and ``a_max=0.5``: A and C are clamped to [-a_max, a_max] in every
   forward (``a_max`` can be set for any init; 0.9 suits synthetic tasks). A bounded recurrence
   stays contracting, which keeps Newton at 3 iterations.
+
+Loading a state_dict whose |A| or |C| exceeds the layer's ``a_max`` would silently change the
+outputs (the clamp applies in every forward), so it raises, unless the state_dict was saved by a
+newtonlm layer with the same ``a_max`` (then the clamp is part of the saved model), or inside
+:func:`accept_clamped_weights` (an explicit, logged choice).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 
 import torch
 from torch import nn
 
-from .cells import DIAG, GRU, LSTM, Cell
+from .cells import DIAG, GRU, LSTM, Cell, LSTMCell
+from .checks import check_device, check_floating, check_shape
 from .function import MODES, parallel_rnn
 from .newton import NewtonConfig, NewtonStats
+
+log = logging.getLogger(__name__)
 
 INITS = ("reference", "lm")
 
@@ -67,34 +81,45 @@ class ParaRNN(nn.Module):
         self.init_scheme = init
         self.a_max = 0.5 if (init == "lm" and a_max is None) else a_max
         K, N, H = cell.num_gates, state_dim, num_heads
-        self.recurrent_names = tuple(getattr(cell, "recurrent_params", {"A": K}))
-        rows = getattr(cell, "recurrent_params", {"A": K})
-        for name, n_rows in rows.items():
-            self.register_parameter(name, nn.Parameter(torch.empty(n_rows, N)))
+        rows = dict(getattr(cell, "recurrent_params", {"A": K}))
+        self.recurrent_names = tuple(rows)
+        # the reference's registration order: the first recurrent parameter (A), B, the others
+        # (ParaLSTM's C), b; positional parameter lists and optimizer states line up with it
+        first, *others = self.recurrent_names
+        self.register_parameter(first, nn.Parameter(torch.empty(rows[first], N)))
         self.B = nn.Parameter(torch.empty(H, input_dim // H, K, N // H))
+        for name in others:
+            self.register_parameter(name, nn.Parameter(torch.empty(rows[name], N)))
         self.b = nn.Parameter(torch.empty(K, N))
         self.stats = NewtonStats()
         self.reset_parameters()
+        self.register_state_dict_post_hook(_save_a_max)
+        self.register_load_state_dict_pre_hook(_check_loaded_a_max)
 
     @torch.no_grad()
     def reset_parameters(self):
-        N, K = self.state_dim, self.cell.num_gates
-        std = 2.0 / math.sqrt(5 * N)
-        for name in self.recurrent_names:
-            p = getattr(self, name)
-            p.normal_(0.0, std)
-            if self.a_max is not None:
-                p.clamp_(-self.a_max, self.a_max)
-        fan_in, fan_out = self.input_dim // self.num_heads, K * N // self.num_heads
+        N, H, D = self.state_dim, self.num_heads, self.input_dim
         if self.init_scheme == "reference":
-            bound = math.sqrt(6.0 / (fan_in + fan_out))  # xavier-uniform per head
-            self.B.uniform_(-bound, bound)
-            self.b.zero_()
-            self.b[0] = -torch.linspace(0, 1, N)
-        else:
-            bound = 1.0 / math.sqrt(fan_in)  # kaiming-uniform (a=sqrt(5)), as nn.Linear
-            self.B.uniform_(-bound, bound)
-            self.b.zero_()
+            # the reference's base class fills every parameter first and its cell overwrites them:
+            # drawn (and discarded) only so that a seed gives the reference's tensors
+            for p in self.parameters():
+                p.uniform_(-1.0 / math.sqrt(N), 1.0 / math.sqrt(N))
+        for name, p in self.named_parameters():  # registration order = the reference's draw order
+            if name == "B":
+                if self.init_scheme == "reference":
+                    fan_in, fan_out = _reference_b_fans(self.cell, D, N, H)
+                    bound = math.sqrt(6.0 / (fan_in + fan_out))  # xavier-uniform
+                else:
+                    bound = 1.0 / math.sqrt(D // H)  # kaiming-uniform (a=sqrt(5)), as nn.Linear
+                p.uniform_(-bound, bound)
+            elif name == "b":
+                p.zero_()
+                if self.init_scheme == "reference":
+                    p[0] = -torch.linspace(0, 1, N)
+            else:  # recurrent: xLSTM-style N(0, (2/sqrt(5N))^2)
+                p.normal_(0.0, 2.0 / math.sqrt(5 * N))
+                if self.a_max is not None:
+                    p.clamp_(-self.a_max, self.a_max)
 
     def recurrent_weights(self) -> tuple:
         ps = tuple(getattr(self, n) for n in self.recurrent_names)
@@ -111,21 +136,17 @@ class ParaRNN(nn.Module):
 
     def _check_x(self, x: torch.Tensor, ndim: int):
         doc = "[B, T, input_dim]" if ndim == 3 else "[B, input_dim]"
-        if not isinstance(x, torch.Tensor) or x.dim() != ndim or x.shape[-1] != self.input_dim:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x has shape {shape}; expected {doc} with input_dim={self.input_dim}")
-        if not x.dtype.is_floating_point:
-            raise ValueError(f"x has dtype {x.dtype}; expected a floating-point dtype")
-        if x.device != self.B.device:
-            raise ValueError(f"x is on {x.device}; expected {self.B.device} like the parameters")
+        check_shape("x", x, (None,) * (ndim - 1) + (self.input_dim,),
+                    f"{doc} with input_dim={self.input_dim}")
+        check_floating("x", x)
+        check_device("x", x, self.B.device, "the parameters")
 
     def _state_shape(self, batch: int):
         return (batch, self.state_dim) if self.cell.structure == DIAG else (batch, 2, self.state_dim)
 
     def _check_state(self, state, batch):
-        if state is not None and tuple(state.shape) != self._state_shape(batch):
-            raise ValueError(f"state has shape {tuple(state.shape)}; expected "
-                             f"{self._state_shape(batch)}")
+        if state is not None:
+            check_shape("state", state, self._state_shape(batch))
 
     def _output(self, s: torch.Tensor) -> torch.Tensor:
         return s if self.cell.structure == DIAG else s[..., 1, :]
@@ -155,6 +176,63 @@ class ParaRNN(nn.Module):
         return (f"cell={self.cell.name}, input_dim={self.input_dim}, state_dim={self.state_dim}, "
                 f"num_heads={self.num_heads}, mode={self.mode}, init={self.init_scheme}, "
                 f"a_max={self.a_max}")
+
+
+_A_MAX_KEY = "newtonlm_a_max"  # in the state_dict's per-module metadata (no extra tensor keys)
+_accept_clamped = False
+
+
+def _save_a_max(module, state_dict, prefix, local_metadata):
+    """state_dict hook: record the clamp the saved weights were used with."""
+    local_metadata[_A_MAX_KEY] = module.a_max
+
+
+def _check_loaded_a_max(module, state_dict, prefix, local_metadata, *_):
+    """load_state_dict pre-hook of ParaRNN: refuse recurrent weights its ``a_max`` clamp would change."""
+    if module.a_max is None or local_metadata.get(_A_MAX_KEY) == module.a_max:
+        return  # no clamp, or saved by a layer that applied this very clamp: same outputs
+    for name in module.recurrent_names:
+        v = state_dict.get(prefix + name)
+        if not isinstance(v, torch.Tensor) or v.is_meta or v.numel() == 0:
+            continue  # missing, partitioned or shape-less entries are load_state_dict's business
+        top = v.detach().abs().max()
+        if not bool(top > module.a_max):  # compared in v's dtype, as the clamp does
+            continue
+        top = top.item()
+        where = f"{prefix + name} (max |value| {top:.4g} > a_max={module.a_max})"
+        if _accept_clamped:
+            log.warning("loading %s: accepted, the clamp to [-a_max, a_max] applies in every "
+                        "forward (accept_clamped_weights)", where)
+            continue
+        raise ValueError(
+            f"state_dict entry {where}: this layer clamps {name} to [-{module.a_max}, {module.a_max}] "
+            f"in every forward, so the loaded weights would silently give different outputs "
+            f"(e.g. from a reference-implementation checkpoint, which has no clamp). Construct "
+            f"the layer without the clamp (init='reference', a_max=None: the reference's "
+            f"semantics) or with a_max >= {top:.4g}; or, "
+            f"if the weights were trained with this clamp (a newtonlm checkpoint), load them "
+            f"inside `with newtonlm.kernels.accept_clamped_weights():`")
+
+
+@contextlib.contextmanager
+def accept_clamped_weights():
+    """Within this context ParaRNN layers load recurrent weights beyond their ``a_max`` (logged per
+    parameter): for weights trained by newtonlm with the same ``a_max``, whose clamp is part of
+    the model, arriving without the metadata a newtonlm state_dict carries (e.g. consolidated by
+    DeepSpeed's zero_to_fp32)."""
+    global _accept_clamped
+    before, _accept_clamped = _accept_clamped, True
+    try:
+        yield
+    finally:
+        _accept_clamped = before
+
+
+def _reference_b_fans(cell: Cell, D: int, N: int, H: int) -> tuple[int, int]:
+    """(fan_in, fan_out) of the reference's xavier-uniform B. The reference is inconsistent
+    between its two cells: ParaGRU passes fan_out = N (the whole state), ParaLSTM fan_out = N/H
+    (one head's state); both are reproduced exactly. Other cells follow ParaGRU."""
+    return D // H, (N // H if isinstance(cell, LSTMCell) else N)
 
 
 class ParaGRU(ParaRNN):

@@ -1,4 +1,5 @@
-"""Linear recurrence solvers (the scan inside every Newton step and the adjoint).
+"""Linear recurrence solvers (the scan inside every Newton step and the adjoint), and the one
+place that decides which solver and scan a call uses (:func:`choose_path`).
 
 ``linear_scan(J, r, h0, reverse=..., structure=..., backend=...)`` solves
 
@@ -12,24 +13,29 @@ Backends (measured choices are in docs/benchmarks.md):
 
 * ``"reference"``: the naive loop of :mod:`newtonlm.kernels.reference`;
 * ``"cpu"``: the compiled C kernels (each thread walks time for a block of channels);
-* ``"torch"``: a preallocated PyTorch loop (CPU fallback when no C compiler is available);
+* ``"torch"``: a preallocated PyTorch loop (CPU without the C library, or dtypes it lacks);
 * ``"doubling"``: log-depth Hillis-Steele doubling in PyTorch (parallel over T, O(T log T) work;
   a pure-PyTorch option on GPU);
 * ``"triton"``: chunked Triton kernels (GPU, or CPU under ``TRITON_INTERPRET=1``);
-* ``"auto"``: ``cpu`` (else ``torch``) on CPU, ``triton`` on CUDA.
+* ``"auto"``: what :func:`choose_path` picks for the adjoint of mode ``"auto"`` (cpu, else torch,
+  on CPU; triton, else doubling, on CUDA).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from typing import NamedTuple
 
 import torch
 
 from . import cpu_ext, reference
 from .cells import BLOCK2, DIAG, STRUCTURES
+from .checks import check_device, check_dtype, check_floating, check_shape
 
 BACKENDS = ("auto", "reference", "cpu", "torch", "doubling", "triton")
+MODES = ("auto", "sequential", "parallel", "triton", "fused")
+DIRECTIONS = ("forward", "backward")
 
 
 def triton_usable(device: torch.device) -> bool:
@@ -42,39 +48,97 @@ def triton_usable(device: torch.device) -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def default_backend(device: torch.device) -> str:
-    if device.type == "cpu":
-        return "cpu" if cpu_ext.available() else "torch"
-    return "triton" if triton_usable(device) else "doubling"
+class Path(NamedTuple):
+    """What runs one direction of a ``parallel_rnn`` call (see :func:`choose_path`).
+
+    mode:  the forward solve: "sequential", "parallel", "triton" or "fused";
+    scan:  the ``linear_scan`` backend of this direction ("cpu", "torch", "doubling", "triton"), or
+           None when it runs no scan (a sequential forward, a fused adjoint kernel);
+    fused: "c" or "triton" when a fused kernel of the built-in GRU/LSTM cell does this
+           direction's work (the compiled C loop or adjoint; the Triton Newton or adjoint
+           kernel), else None. A fused Newton forward whose result is not accepted continues
+           with Newton iterations on ``scan``.
+    """
+
+    mode: str
+    scan: str | None
+    fused: str | None
+
+
+def _resolve_mode(mode: str, device: torch.device, builtin: bool) -> str:
+    if mode == "auto":
+        # measured (docs/benchmarks.md): on a few CPU cores a Newton forward does ~4x the work of one
+        # sequential pass and loses; on CUDA the fused kernels are the fast path of the built-in cells
+        if device.type != "cuda":
+            return "sequential"
+        if not triton_usable(device):
+            return "parallel"
+        return "fused" if builtin else "triton"
+    if mode in ("triton", "fused") and not triton_usable(device):
+        raise ValueError(f"mode={mode!r} needs the triton package and CUDA tensors (got {device}) "
+                         "or TRITON_INTERPRET=1 set before newtonlm is imported; use mode='auto'")
+    if mode == "fused" and not builtin:
+        raise ValueError("mode='fused' exists for the built-in GRU/LSTM cells only; use mode='triton' "
+                         "or 'parallel' for other cells")
+    return mode
+
+
+def choose_path(mode: str, device: torch.device, structure: str, direction: str, dtype: torch.dtype,
+                builtin: bool = False) -> Path:
+    """The one decision of what runs: forward solve, scan backend and fused kernel for
+    (mode, device, structure, direction, dtype). ``builtin``: the cell is exactly the built-in
+    GRUCell or LSTMCell (the only cells with fused C and Triton kernels). The table is in
+    docs/kernels.md ("Paths"); every backend handles both structures.
+
+    ``direction`` is "forward" (the solve of ``h``) or "backward" (the adjoint). ``dtype`` is the
+    dtype the tensors have when they reach the solver (``parallel_rnn`` solves in fp32 or fp64).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}; expected one of {MODES}")
+    if structure not in STRUCTURES:
+        raise ValueError(f"structure={structure!r}; expected one of {STRUCTURES}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction={direction!r}; expected one of {DIRECTIONS}")
+    device = torch.device(device)
+    mode = _resolve_mode(mode, device, builtin)
+    on_cpu = device.type == "cpu"
+    has_c = on_cpu and dtype in (torch.float32, torch.float64) and cpu_ext.available()
+    # the PyTorch-side scan: compiled C on CPU, a PyTorch loop without it, doubling elsewhere
+    plain = ("cpu" if has_c else "torch") if on_cpu else "doubling"
+    if mode == "fused":  # extra Newton iterations after the fused kernel use the Triton scan
+        return Path(mode, "triton" if direction == "forward" else None, "triton")
+    if mode == "triton":
+        return Path(mode, "triton", None)
+    if direction == "forward":
+        if mode == "sequential":
+            return Path(mode, None, "c" if builtin and has_c else None)
+        return Path(mode, plain, None)
+    if builtin and has_c:  # the compiled adjoint fuses the reversed scan and the VJPs
+        return Path(mode, None, "c")
+    if mode == "sequential" and device.type == "cuda" and triton_usable(device):
+        return Path(mode, "triton", None)
+    return Path(mode, plain, None)
 
 
 def _check(J, r, h0, structure):
     if structure not in STRUCTURES:
         raise ValueError(f"structure={structure!r}; expected one of {STRUCTURES}")
-    if not isinstance(r, torch.Tensor) or not isinstance(J, torch.Tensor):
-        raise ValueError("J and r must be tensors")
     if structure == DIAG:
-        if r.dim() != 3:
-            raise ValueError(f"r has shape {tuple(r.shape)}; expected [B, T, N]")
-        j_shape, h_shape = tuple(r.shape), (r.shape[0], r.shape[2])
-        j_doc, h_doc = "[B, T, N] like r", "[B, N]"
+        check_shape("r", r, (None, None, None), "[B, T, N]")
+        B, T, N = r.shape
+        j_shape, h_shape, j_doc, h_doc = (B, T, N), (B, N), "[B, T, N] like r", "[B, N]"
     else:
-        if r.dim() != 4 or r.shape[2] != 2:
-            raise ValueError(f"r has shape {tuple(r.shape)}; expected [B, T, 2, N]")
+        check_shape("r", r, (None, None, 2, None), "[B, T, 2, N]")
         B, T, _, N = r.shape
-        j_shape, h_shape = (B, T, 2, 2, N), (B, 2, N)
-        j_doc, h_doc = "[B, T, 2, 2, N]", "[B, 2, N]"
-    if tuple(J.shape) != j_shape:
-        raise ValueError(f"J has shape {tuple(J.shape)}; expected {j_shape} ({j_doc})")
-    if h0 is not None and tuple(h0.shape) != h_shape:
-        raise ValueError(f"h0 has shape {tuple(h0.shape)}; expected {h_shape} ({h_doc})")
+        j_shape, h_shape, j_doc, h_doc = (B, T, 2, 2, N), (B, 2, N), "[B, T, 2, 2, N]", "[B, 2, N]"
+    check_shape("J", J, j_shape, j_doc)
+    if h0 is not None:
+        check_shape("h0", h0, h_shape, h_doc)
     for name, t in (("J", J), ("h0", h0)):
-        if t is not None and t.device != r.device:
-            raise ValueError(f"{name} is on {t.device}; expected {r.device} like r")
-        if t is not None and t.dtype != r.dtype:
-            raise ValueError(f"{name} has dtype {t.dtype}; expected {r.dtype} like r")
-    if not r.dtype.is_floating_point:
-        raise ValueError(f"r has dtype {r.dtype}; expected a floating-point dtype")
+        if t is not None:
+            check_device(name, t, r.device, "r")
+            check_dtype(name, t, r.dtype, "r")
+    check_floating("r", r)
 
 
 def _apply(J, h, structure):
@@ -129,8 +193,8 @@ def linear_scan(J: torch.Tensor, r: torch.Tensor, h0: torch.Tensor | None = None
     _check(J, r, h0, structure)
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
-    if backend == "auto":
-        backend = default_backend(r.device)
+    if backend == "auto":  # the adjoint's choice: every mode's adjoint runs a scan
+        backend = choose_path("auto", r.device, structure, "backward", r.dtype).scan
     if backend == "reference":
         fn = reference.scan_diag_ref if structure == DIAG else reference.scan_block2_ref
         return fn(J, r, h0, reverse)
@@ -153,4 +217,5 @@ def linear_scan(J: torch.Tensor, r: torch.Tensor, h0: torch.Tensor | None = None
     return fn(J, r, h0, reverse=reverse).to(r.dtype)
 
 
-__all__ = ["linear_scan", "BACKENDS", "DIAG", "BLOCK2", "default_backend", "triton_usable"]
+__all__ = ["BACKENDS", "BLOCK2", "DIAG", "DIRECTIONS", "MODES", "Path", "choose_path", "linear_scan",
+           "triton_usable"]

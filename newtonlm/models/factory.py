@@ -116,8 +116,23 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     return {"total": total, "non_embedding": total - emb}
 
 
-def newton_stats(model: torch.nn.Module, reset: bool = False) -> dict[str, float]:
-    """Per-layer Newton telemetry of a ParaRNN LM (see ``ParaRNNForCausalLM.newton_stats``); an empty
-    dict for the baselines. ``reset`` clears the counters after reading."""
-    fn = getattr(model, "newton_stats", None)
-    return fn(reset=reset) if callable(fn) else {}
+def newton_stats(model: torch.nn.Module, reset: bool = False) -> dict:
+    """Newton telemetry of every ParaRNN layer of ``model`` (in module order) since the last reset,
+    as flat ``newton/...`` keys for metrics.jsonl (``newtonlm.kernels.newton_telemetry``): per layer
+    how many calls Newton answered (``newton/layer{i}/newton``, with mean ``iterations``, the
+    ``extra_iterations`` beyond ``max_iters``, the last ``residual`` and its per-iteration
+    ``history``), how many the sequential path answered by choice (``sequential``: no Newton, no
+    residual) and how many fell back after Newton was rejected (``fallbacks``, ``fallback_rate``),
+    and the same counts over all layers (``newton/fallback_rate``: rejected / Newton runs).
+    An empty dict for models without ParaRNN layers (the baselines). ``reset`` clears the counters
+    after reading."""
+    from newtonlm.kernels import ParaRNN, newton_telemetry
+
+    layers = [m for m in model.modules() if isinstance(m, ParaRNN)]
+    if not layers:
+        return {}
+    out = newton_telemetry([layer.stats for layer in layers])
+    if reset:
+        for layer in layers:
+            layer.stats.reset()
+    return out

@@ -25,7 +25,6 @@ static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
     void scan_diag_##SUF(const T_ *J, const T_ *r, const T_ *h0, T_ *out, int64_t B, int64_t T, \
                          int64_t N, int reverse, int64_t w_begin, int64_t w_end) {                                \
         int64_t nblk = (N + CH - 1) / CH;                                                       \
-        (void)nblk;                                                                             \
         for (int64_t w = w_begin; w < w_end; w++) {                                                \
             int64_t b = w / nblk, n0 = (w % nblk) * CH, len = min64(CH, N - n0);                \
             T_ h[CH];                                                                           \
