@@ -186,18 +186,17 @@ def test_interpreter_runs_its_single_config():
 
 def test_gpu_config_list_is_well_formed():
     configs = launch_configs(interpret=False)
-    assert len(configs) >= 6 and len({str(c) for c in configs}) == len(configs)
+    assert len(configs) >= 4 and len({str(c) for c in configs}) == len(configs)
     for c in configs:
         assert set(c.kwargs) == {"BLOCK_N"}
         block_n = c.kwargs["BLOCK_N"]
-        assert block_n in (32, 64, 128, 256), c
-        assert c.num_warps == block_n // 32, c  # one channel per thread
-        assert c.num_stages in (1, 2, 3, 4), c
+        assert block_n in (32, 64, 128, 256) and c.num_warps in (1, 2, 4, 8), c
+        assert block_n // (32 * c.num_warps) in (1, 2), c  # 1 or 2 channels per thread
+        assert c.num_stages == 1, c
     for kernel in CHUNK_KERNELS:
         assert "BLOCK_N" in kernel.fn.arg_names
         assert set(kernel.keys) <= set(kernel.fn.arg_names)
-    # fitted to 20 channels: 32-wide blocks with 1 warp, one config per stage count
+    # fitted to 20 channels: 32-wide blocks with 1 warp, duplicates dropped
     fitted = triton_scan._fit_configs(configs, {"N": 20})
-    assert sorted((c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in fitted) == [
-        (32, 1, s) for s in sorted({c.num_stages for c in configs})]
-    assert len(triton_scan._fit_configs(configs, {"N": 1024})) == len(configs)
+    assert [(c.kwargs["BLOCK_N"], c.num_warps) for c in fitted] == [(32, 1)]
+    assert [str(c) for c in triton_scan._fit_configs(configs, {"N": 1024})] == [str(c) for c in configs]

@@ -31,14 +31,15 @@ Design (both cells, both directions):
   tile give ``du`` (stored), per-program partial sums of ``dA`` (``dC``) (summed over ``B`` on the
   host) and, at ``t = 0``, ``dh0``.
 
-Launch parameters (``CHUNK``, ``BLOCK_N``, warps, stages) are ``triton.autotune`` configurations
-(:func:`launch_configs`) keyed on ``N`` and on ``T`` and ``B`` rounded up to powers of two (a new
-length within the bucket reuses the tuned choice); configurations larger than the problem are
-clamped to it. Under the Triton interpreter there is exactly one configuration
-(:data:`INTERPRETER_CONFIG`: autotuning with several needs a GPU driver). ``BLOCK_N`` does not
-change results; ``CHUNK`` changes them by rounding only once Newton has converged (chunks
-start from exact states), so a GPU run's bits can depend on the tuned choice: pass ``chunk`` and
-``block_n`` to fix it.
+Launch parameters (``CHUNK``, ``BLOCK_N``, warps; stages stay 1, see ``_GPU_TILES``) are
+``triton.autotune`` configurations (:func:`launch_configs`) keyed on ``N`` and on ``T`` and ``B``
+rounded up to powers of two (a new length within the bucket reuses the tuned choice);
+configurations larger than the problem are clamped to it. Under the Triton interpreter there is
+exactly one configuration (:data:`INTERPRETER_CONFIG`: autotuning with several needs a GPU
+driver). ``BLOCK_N`` does not change results. ``CHUNK`` does: each chunk runs ``num_iters``
+iterations from an exact start, so once Newton has converged the results differ by rounding
+only, but a GPU run's bits can depend on the tuned choice; pass ``chunk`` and ``block_n`` to fix
+it.
 
 All arithmetic is in fp32 (fp64 when ``u`` is fp64); bf16/fp16 inputs are upcast on load.
 ``tanh``: libdevice's on a GPU; under the interpreter (no libdevice) an expm1-based formula of
@@ -69,27 +70,24 @@ _LIBDEVICE: tl.constexpr = tl.constexpr(not INTERPRET)
 INTERPRETER_CONFIG = triton.Config({"CHUNK": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)
 # GPU candidates (CHUNK, BLOCK_N, num_warps): 16 fp32 elements of each tile per thread, from few
 # wide programs to many narrow ones. ptxas (Triton 3.7, sm_90a, fp32) puts every one of them at
-# the 255-register cap with little or no spilling (LSTM forward: 0.2-0.7 kB); 32 elements per
+# the 255-register cap with little or no spilling (at most 0.7 kB, LSTM forward); 32 elements per
 # thread (the former fixed 64 x 64 tile with 4 warps) spilled 0.9-3.6 kB, so it is not offered.
+# num_stages stays 1: Triton 3.7 compiles these kernels (no tl.dot) to identical PTX for 1 to 4
+# stages, so more stages would only repeat compilations and benchmarks.
 _GPU_TILES = ((16, 32, 1), (16, 64, 2), (32, 32, 2), (32, 64, 4), (64, 32, 4), (64, 64, 8))
-# Software pipelining applies to innermost loops with loads: the backward's chunk loop. The
-# forward's chunk loop contains the Newton loop, so extra stages would only add compilations.
-_GPU_STAGES = {"forward": (1,), "backward": (1, 2)}
 _MIN_TILE = 16  # the GPU compiler's smallest tile dimension for these layouts
 # An explicit ``chunk`` or ``block_n`` alone takes this for the other one.
 _OVERRIDE_DEFAULT = 64
 
 
-def launch_configs(kind: str, interpret: bool = INTERPRET) -> list:
-    """The autotuning candidates of the ``kind`` ("forward" or "backward") kernels:
-    ``[INTERPRETER_CONFIG]`` under the interpreter, else one
-    ``triton.Config({"CHUNK", "BLOCK_N"}, num_warps, num_stages)`` per GPU tile and stage count."""
-    if kind not in _GPU_STAGES:
-        raise ValueError(f"kind={kind!r}; expected one of {tuple(_GPU_STAGES)}")
+def launch_configs(interpret: bool = INTERPRET) -> list:
+    """The autotuning candidates of the four kernels: ``[INTERPRETER_CONFIG]`` under the
+    interpreter, else ``triton.Config({"CHUNK", "BLOCK_N"}, num_warps, num_stages=1)`` per GPU
+    tile."""
     if interpret:
         return [INTERPRETER_CONFIG]
-    return [triton.Config({"CHUNK": c, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for c, bn, w in _GPU_TILES for s in _GPU_STAGES[kind]]
+    return [triton.Config({"CHUNK": c, "BLOCK_N": bn}, num_warps=w, num_stages=1)
+            for c, bn, w in _GPU_TILES]
 
 
 def _fit(size: int, tile: int) -> int:
@@ -116,11 +114,10 @@ def _fit_configs(configs, named_args, **kwargs):
     return list(out.values())
 
 
-def _autotune(kind: str):
-    """Tuned per (N, T bucket, B bucket): T_BUCKET and B_BUCKET are kernel arguments used only as
-    the key (the autotuner adds the tensors' dtypes to it)."""
-    return triton.autotune(configs=launch_configs(kind), key=["N", "T_BUCKET", "B_BUCKET"],
-                           prune_configs_by={"early_config_prune": _fit_configs})
+# Tuned per (N, T bucket, B bucket): T_BUCKET and B_BUCKET are kernel arguments used only as the
+# key (the autotuner adds the tensors' dtypes to it).
+_autotune = triton.autotune(configs=launch_configs(), key=["N", "T_BUCKET", "B_BUCKET"],
+                            prune_configs_by={"early_config_prune": _fit_configs})
 
 
 # ----------------------------------------------------------------------------- jit helpers
@@ -263,7 +260,7 @@ def _lstm_step_jac(cp, hp, uf, uo, uc, af, ao, ac, cf, co):
 
 
 # ----------------------------------------------------------------------------- GRU kernels
-@_autotune("forward")
+@_autotune
 @triton.jit
 def _gru_fwd_kernel(u_ptr, a_ptr, h0_ptr, h_ptr, res_ptr, T, N, num_iters, T_BUCKET, B_BUCKET,
                     HAS_H0: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -290,7 +287,7 @@ def _gru_fwd_kernel(u_ptr, a_ptr, h0_ptr, h_ptr, res_ptr, T, N, num_iters, T_BUC
     tl.store(res_ptr + b * N + n, res, mask=nmask)
 
 
-@_autotune("backward")
+@_autotune
 @triton.jit
 def _gru_bwd_kernel(u_ptr, a_ptr, h0_ptr, h_ptr, g_ptr, du_ptr, da_ptr, dh0_ptr, T, N, T_BUCKET,
                     B_BUCKET, HAS_H0: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -347,7 +344,7 @@ def _gru_bwd_kernel(u_ptr, a_ptr, h0_ptr, h_ptr, g_ptr, du_ptr, da_ptr, dh0_ptr,
 
 
 # ----------------------------------------------------------------------------- LSTM kernels
-@_autotune("forward")
+@_autotune
 @triton.jit
 def _lstm_fwd_kernel(u_ptr, a_ptr, cpar_ptr, s0_ptr, s_ptr, res_ptr, T, N, num_iters, T_BUCKET,
                      B_BUCKET, HAS_S0: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -391,7 +388,7 @@ def _lstm_fwd_kernel(u_ptr, a_ptr, cpar_ptr, s0_ptr, s_ptr, res_ptr, T, N, num_i
     tl.store(res_ptr + b * N + n, res, mask=nmask)
 
 
-@_autotune("backward")
+@_autotune
 @triton.jit
 def _lstm_bwd_kernel(u_ptr, a_ptr, cpar_ptr, s0_ptr, s_ptr, g_ptr, du_ptr, da_ptr, dc_ptr,
                      ds0_ptr, T, N, T_BUCKET, B_BUCKET,

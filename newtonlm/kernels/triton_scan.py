@@ -23,6 +23,12 @@ With one chunk (short T, or enough batch x channel programs) only phase 3 runs, 
 looped sequentially inside a program, one ``BLOCK_N``-wide vector per step (the style of fla's
 hgrn kernels); pointers step by +-N so the reverse direction is plain pointer arithmetic.
 Arithmetic is fp32 (fp64 if any input is fp64); fp16/bf16 values are upcast right after loading.
+
+Launch parameters: ``BLOCK_N`` and warps of the chunk kernels are ``triton.autotune``
+configurations (:func:`launch_configs`; one fixed configuration under the interpreter); the
+chunk length is chosen on the host (``_pick_chunk``) because the carry buffers of all three
+phases depend on it; the carry pass has one fixed launch. ``chunk`` and ``block_n`` override
+the choices. Results do not depend on ``BLOCK_N``; the chunk length changes them by rounding.
 """
 
 from __future__ import annotations
@@ -42,13 +48,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Launch parameters of the chunk kernels (phases 1 and 3) are triton.autotune configurations
 # (:func:`launch_configs`), keyed on N, the T and B buckets (powers of two) and the phase. A
 # program is latency bound (each step waits for its loads, then one dependent FMA chain), so the
-# candidates vary the channels per program (one per thread: BLOCK_N / 32 warps, coalesced loads
-# of 4 * BLOCK_N bytes per step) and the software-pipelining depth (num_stages: loads of later
-# time steps issued ahead of the recurrence). Under the interpreter there is exactly one
-# configuration (autotuning with several needs a GPU driver).
+# candidates vary the channels per program (BLOCK_N: coalesced loads of 4 * BLOCK_N bytes per
+# step) and per thread (1 or 2 independent chains). num_stages stays 1: Triton 3.7 compiles
+# these kernels to identical PTX for 1 to 4 stages (it pipelines loads that feed tl.dot only).
+# Under the interpreter there is exactly one configuration (autotuning with several needs a GPU
+# driver).
 INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 64}, num_warps=2, num_stages=1)
-_GPU_BLOCKS = (32, 64, 128)
-_GPU_STAGES = (1, 2, 4)
+_GPU_BLOCKS = ((32, 1), (64, 1), (64, 2), (128, 2), (128, 4), (256, 4))  # (BLOCK_N, num_warps)
 # The chunk length is not a per-kernel launch parameter: it sets the [B, C, ...] carry buffers
 # shared by the three phases, so it is chosen here from the number of programs. Below
 # _MIN_PROGRAMS (batch x channel-block, counted with _NOMINAL_BLOCK_N channels) programs, time is
@@ -68,20 +74,21 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def launch_configs(interpret: bool = INTERPRET) -> list:
     """The autotuning candidates of the chunk kernels: ``[INTERPRETER_CONFIG]`` under the
-    interpreter, else ``triton.Config({"BLOCK_N"}, num_warps=BLOCK_N // 32, num_stages)``."""
+    interpreter, else ``triton.Config({"BLOCK_N"}, num_warps, num_stages=1)`` per GPU block."""
     if interpret:
         return [INTERPRETER_CONFIG]
-    return [triton.Config({"BLOCK_N": bn}, num_warps=bn // 32, num_stages=s)
-            for bn in _GPU_BLOCKS for s in _GPU_STAGES]
+    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=1) for bn, w in _GPU_BLOCKS]
 
 
 def _fit_configs(configs, named_args, **kwargs):
-    """Autotune pruning: no wider than the channels need (>= 16), warps to match; no duplicates."""
+    """Autotune pruning: no wider than the channels need (>= 16), at most one warp per 32
+    channels; no duplicates."""
     width = max(16, triton.next_power_of_2(named_args["N"]))
     out = {}
     for cfg in configs:
         bn = min(cfg.kwargs["BLOCK_N"], width)
-        fitted = triton.Config({"BLOCK_N": bn}, num_warps=max(1, bn // 32), num_stages=cfg.num_stages)
+        fitted = triton.Config({"BLOCK_N": bn}, num_warps=max(1, min(cfg.num_warps, bn // 32)),
+                               num_stages=cfg.num_stages)
         out.setdefault(str(fitted), fitted)
     return list(out.values())
 
