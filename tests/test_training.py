@@ -40,9 +40,10 @@ COMMON = ["train.max_steps=4", "train.save_every=2"]
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, tok_cache):
-    """An uninterrupted single-process run that the resume tests compare against."""
+    """An uninterrupted single-process run that the resume tests compare against (validated every
+    2 steps, which they are not: evaluation leaves training untouched; progress line on)."""
     run = tmp_path_factory.mktemp("reference") / "run"
-    proc = train(run, *COMMON, tok_cache=tok_cache)
+    proc = train(run, *COMMON, "train.eval_every=2", "train.progress=true", tok_cache=tok_cache)
     return run, proc
 
 
@@ -60,12 +61,14 @@ def test_single_process_run_writes_config_metrics_and_checkpoints(reference_run)
     assert recs[-1]["tokens_seen"] == 4 * 2 * 32
     assert recs[0]["loss"] > recs[-1]["loss"]
     val = records(run, "val")
-    assert val and all(abs(v["val_ppl"] - 2.718281828459045 ** v["val_loss"]) < 1e-6 * v["val_ppl"]
-                       for v in val)
+    assert [(v["step"], v.get("final", False)) for v in val] == [(2, False), (4, True)]  # step 4: once
+    assert all(abs(v["val_ppl"] - 2.718281828459045 ** v["val_loss"]) < 1e-6 * v["val_ppl"] for v in val)
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
     assert ckpts == ["step_00000002", "step_00000004"]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000004"
     assert "validation: loss" in proc.stdout
+    # stderr is not a terminal: plain progress lines (one per step here: each step is 25 % of the run)
+    assert "step 4/4 (100%), loss " in proc.stderr and " tok/s, elapsed " in proc.stderr
 
 
 def test_preemption_then_resume_is_exact(tmp_path, tok_cache, reference_run):

@@ -409,8 +409,9 @@ def validate(job: Job, counters: Counters, log: RunLog, final: bool = False) -> 
 
 
 def run(cfg: DictConfig) -> dict:
+    """The job (module docstring); returns the summary that :func:`finish` prints."""
     job = setup(cfg)
-    counters, resumed_from = resume(job)
+    counters, resumed_from = resume(job)  # step 0, or where the newest checkpoint left off
     log = RunLog(job.run_dir, job.dist.is_main, counters.step if resumed_from else None, job.wandb_cfg,
                  job.resolved, job.total_steps, job.cfg.progress)
     if job.dist.is_main:
@@ -419,14 +420,14 @@ def run(cfg: DictConfig) -> dict:
 
     status, exit_code = "finished", 0
     batches = iter(job.train_loader)
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # a step's time runs from the end of the previous step's bookkeeping
     while counters.step < job.total_steps:
         record, stop_requested = train_step(job, counters, batches, t0)
         if log_due(counters.step, job.total_steps, job.cfg.log_every):
             log.train(record)
         if (stop := stop_reason(job, counters, stop_requested)) is not None:
             status, exit_code = stop
-            save_checkpoint(job, counters)  # skipped steps left the weights as they were: the last good state
+            save_checkpoint(job, counters)  # the last good state: skipped steps change no weight
             break
         if job.val_loader is not None and validation_due(counters.step, job.total_steps, job.cfg.eval_every):
             validate(job, counters, log)
