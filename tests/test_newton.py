@@ -153,7 +153,7 @@ def test_case_needing_five_iterations_converges_in_parallel_mode(cell, a_scale, 
     assert (stats.path, stats.iterations, stats.extra_iterations, stats.fallbacks) == ("newton", 5, 2, 0)
     hist = stats.history
     assert len(hist) == 6 and hist[3] > 1e-4 and hist[5] < 1e-6, hist
-    assert all(hist[k] <= 0.25 * hist[k - 1] for k in (4, 5)), hist  # the rule that allowed them
+    assert all(hist[k] <= 0.5 * hist[k - 1] for k in (4, 5)), hist  # the rule that allowed them
     ref = reference(cell, u.double(), tuple(p.double() for p in params), h0.double())
     torch.testing.assert_close(h.double(), ref, rtol=0, atol=2e-6)
     # the 3-iteration result is off by more than fp32 precision: without extra iterations it is
@@ -164,21 +164,35 @@ def test_case_needing_five_iterations_converges_in_parallel_mode(cell, a_scale, 
     assert stats.path == "fallback" and stats.iterations == 3 and stats.residual > 1e-4
 
 
-@pytest.mark.parametrize("cell, a_scale", [(GRU, 2.5), (LSTM, 2.0)], ids=["gru-grows", "lstm-slow"])
-def test_divergent_case_still_falls_back_and_raises(cell, a_scale, monkeypatch):
-    # GRU |A| <= 2.5: the residual grows (1.1 -> 3.0) at the first iteration; LSTM |A|, |C| <= 2:
-    # 9.0e-1, 6.9e-1, 4.4e-1, 1.6e-1 shrinks too slowly for extra iterations (ratio 0.36 > 0.25).
+@pytest.mark.parametrize("cell", CELLS, ids=lambda c: c.name)
+def test_divergent_case_still_falls_back_and_raises(cell, monkeypatch):
+    # |A| (and |C|) <= 2.5: the residual grows at the first iteration (GRU 1.1 -> 3.0, LSTM 1.0 -> 1.7)
     _fresh_warning_state(monkeypatch)
-    u, params, h0 = cell_inputs(cell, 2, 256, 16, dtype=torch.float32, a_scale=a_scale)
+    u, params, h0 = cell_inputs(cell, 2, 256, 16, dtype=torch.float32, a_scale=2.5)
     stats = NewtonStats()
     with pytest.warns(RuntimeWarning, match="falling back"):
         h = parallel_rnn(cell, u, params, h0, mode="parallel", stats=stats)
-    assert stats.path == "fallback" and stats.fallbacks == 1 and stats.extra_iterations == 0
-    assert stats.fallback_rate == 1.0 and stats.residual == stats.history[-1] > 1e-2
+    assert stats.path == "fallback" and stats.fallbacks == 1 and stats.iterations == 1
+    assert stats.fallback_rate == 1.0 and stats.residual == stats.history[-1] > stats.history[0]
     ref = reference(cell, u.double(), tuple(p.double() for p in params), h0.double())
     torch.testing.assert_close(h.double(), ref, rtol=0, atol=1e-5)
     with pytest.raises(NewtonDivergence, match="did not converge.*history"):
         parallel_rnn(cell, u, params, h0, mode="parallel", newton=NewtonConfig(fallback="raise"))
+
+
+def test_slow_convergence_gets_no_extra_iterations(monkeypatch):
+    # Newton steps cut to 30 %: the residual shrinks by only ~0.7x per iteration, which is not the
+    # fast shrinking (<= 0.5x) that earns extra iterations
+    _fresh_warning_state(monkeypatch)
+    u, params, h0 = cell_inputs(GRU, 1, 40, 4)
+    real_scan = newton_mod.linear_scan
+    monkeypatch.setattr(newton_mod, "linear_scan", lambda *a, **k: 0.3 * real_scan(*a, **k))
+    stats = NewtonStats()
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        parallel_rnn(GRU, u, params, h0, mode="parallel", stats=stats)
+    hist = stats.history
+    assert stats.path == "fallback" and stats.iterations == 3 and stats.extra_iterations == 0
+    assert 0.5 < hist[3] / hist[2] < 1, hist
 
 
 def test_extra_iterations_stop_at_the_cap():

@@ -21,7 +21,7 @@ def check_shape(name: str, x, expected: tuple, doc: str | None = None) -> None:
     if ok:
         return
     if any(e is None for e in expected):
-        want = doc or str(tuple("*" if e is None else e for e in expected))
+        want = doc or "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
     else:
         want = f"{tuple(expected)}" + (f" ({doc})" if doc else "")
     got = f"has shape {_describe(x)}" if isinstance(x, torch.Tensor) else f"is {_describe(x)}"

@@ -12,17 +12,20 @@ The residual ``max |r|`` is measured before every iteration and after the last (
 each; the values are the call's ``history``).
 
 Acceptance (converged to the dtype's precision): ``residual <= 16 * eps(dtype) * max|h|``
-(fp32: 1.9e-6 at max|h| = 1; fp64: 3.6e-15). Converged solves measure 1.5-3 eps * max|h|
+(fp32: 1.9e-6 at max|h| = 1; fp64: 3.6e-15). Converged solves measure 1.4-3 eps * max|h|
 (docs/kernels.md), so 16 leaves a margin of 5x while rejecting a 3-iteration result with a 1e-4
 error. ``NewtonConfig.accept_tol`` replaces the bound; a larger ``tol`` widens it.
 
 Adaptive iterations: after ``max_iters``, a result that is not accepted gets up to
-``max_extra_iters`` more iterations as long as the residual is finite and shrinking fast, i.e.
-each iteration divides it by at least 4 (``res_k <= 0.25 res_{k-1}``; Newton near its quadratic
-regime shrinks it by 10-1000x per iteration, a stalled or diverging solve does not). A result
-still not accepted, non-finite, or whose residual grew during the first ``max_iters`` iterations is
-answered by sequential application (a warning once per process, counted in the stats) or raises
-:class:`NewtonDivergence` with ``fallback="raise"``: never a silently wrong answer.
+``max_extra_iters`` more iterations as long as the residual is finite and shrinking fast: the
+last iteration at least halved it (``res_k <= 0.5 res_{k-1}``; with no previous residual, after
+the fused kernel, the first extra iteration is granted). Newton entering
+its quadratic regime shrinks it by 3-1000x per iteration (docs/kernels.md), a stalled or
+diverging solve does not. The bound is loose on purpose: an extra iteration costs about a quarter
+of a Newton forward, a fallback on a GPU 100x. A result still not accepted, non-finite, or whose
+residual grew during the first ``max_iters`` iterations is answered by sequential application (a
+warning once per process, counted in the stats) or raises :class:`NewtonDivergence` with
+``fallback="raise"``: never a silently wrong answer.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from .scan import Path, choose_path, linear_scan
 FALLBACKS = ("sequential", "raise")
 PATHS = ("newton", "sequential", "fallback")
 ACCEPT_EPS = 16  # residual <= ACCEPT_EPS * eps(dtype) * max|h| is converged
-SHRINK = 0.25  # an extra iteration follows one that divided the residual by >= 1 / SHRINK
+SHRINK = 0.5  # an extra iteration follows one that divided the residual by >= 1 / SHRINK
 
 
 @dataclass
