@@ -121,7 +121,7 @@ def summarize(arch: str, size: str, run_dir: Path, short: dict, long: dict,
         "steps": train[-1]["step"] if train else 0,
         "train_tokens_per_s": statistics.median(speeds) if speeds else None,
         "train_seconds": train_seconds,
-        # one point per step (the final validation repeats the last periodic one)
+        # one point per step (older runs repeated the last periodic validation as the final one)
         "val_curve": sorted({r["tokens_seen"]: r["val_loss"] for r in val}.items()),
         "final_val_loss": val[-1]["val_loss"] if val else None,
         "eval": {k: v for k, v in short.items() if not k.startswith("position_")},
