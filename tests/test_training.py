@@ -333,7 +333,7 @@ def test_stop_request_ignores_a_second_notice_but_not_a_late_ctrl_c():
     import sys
 
     code = ("import os, signal, time\n"
-            "from newtonlm.training.train import _StopRequest\n"
+            "from newtonlm.training.loop import _StopRequest\n"
             "s = _StopRequest()\n"
             "os.kill(os.getpid(), signal.SIGINT); os.kill(os.getpid(), signal.SIGTERM)\n"
             "os.kill(os.getpid(), signal.SIGUSR1); time.sleep(0.1)\n"

@@ -12,7 +12,7 @@ from newtonlm.data import build_dataloaders, compose_data_config, vocab_size_for
 from newtonlm.models import ARCHS, build_model, load_preset
 from newtonlm.training.checkpoint import MARKER, Checkpoints
 from newtonlm.training.config import TrainConfig
-from newtonlm.training.train import (
+from newtonlm.training.loop import (
     ResumePlan,
     check_resume_config,
     checkpoint_index,

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-# the run-directory format (owned and written by newtonlm/training/checkpoint.py and train.py)
+# the run-directory format (owned and written by newtonlm/training/checkpoint.py and loop.py)
 CHECKPOINTS = "checkpoints"
 MARKER = "COMPLETE"
 TAG = re.compile(r"^step_(\d{8})$")

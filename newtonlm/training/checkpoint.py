@@ -2,7 +2,7 @@
 
 The run directory (``hydra.run.dir``) is the trainer's output and the only contract between training
 and its readers (``newtonlm.export``, and through it ``newtonlm.eval``), which read it without
-importing the trainer. Its format, owned by this module and ``train.py``:
+importing the trainer. Its format, owned by this module and ``loop.py``:
 
 * ``config.yaml``: the resolved training config (``model``, ``data``, ``train``, ...);
 * ``tokenizer/``: the run's tokenizer (``save_pretrained``; holds ``tokenizer_config.json``);

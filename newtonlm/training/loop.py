@@ -1,0 +1,470 @@
+"""The training job's loop, started by ``python -m newtonlm.training.train [hydra overrides]``
+(``train.py``: composes and checks the configuration before anything heavy is imported).
+
+:func:`run` reads top to bottom: :func:`setup` (process group, tokenizer, model, DeepSpeed engine,
+data), :func:`resume` (the run's counters, data-loader and RNG states from the newest checkpoint),
+then the loop: :func:`train_step` (one optimizer step over ``grad_accum`` micro-batches, returning
+the step's record), logging, :func:`stop_reason` (preemption notice, non-finite steps),
+:func:`validate`, :func:`save_checkpoint`; finally :func:`finish` (validation, a text sample, the
+summary). Batches are ``{"input_ids", "targets"}`` from newtonlm.data, targets already shifted:
+the loss is the cross-entropy of the logits at each position against its target
+(:func:`token_loss_sum`). Helpers: ``config`` (settings), ``distributed``, ``optim`` (AdamW,
+schedules, DeepSpeed config), ``checkpoint``, ``metrics`` (metrics.jsonl, progress, wandb, MFU).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from ..data import build_dataloaders, get_or_train_tokenizer, load_data_config, vocab_size_for_model
+from ..models import build_model, count_parameters, flops_per_token, newton_stats
+from . import faults
+from .checkpoint import Checkpoints
+from .config import TrainConfig, WandbConfig, load_settings
+from .config import validate as validate_settings
+from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed
+from .metrics import RunLog, mfu, peak_flops
+from .optim import build_optimizer, build_scheduler, deepspeed_config
+
+if TYPE_CHECKING:
+    from ..data import FixedBatches, ResumableLoader
+
+IGNORE_INDEX = -100  # a target that is not scored (cross_entropy's default ignore_index)
+
+# Settings that must match for a resume to continue the same run.
+_RESUME_KEYS = ("seq_len", "micro_batch_size", "grad_accum", "seed")
+
+
+class _StopRequest:
+    """Preemption notices (SIGTERM, SIGINT, SIGUSR1: schedulers, launchers, Ctrl-C, Slurm's
+    ``--signal=USR1@...``) set a flag; the loop checkpoints and exits at the next step boundary.
+    Further notices are ignored, because launchers often deliver two at once (the deepspeed launcher
+    forwards a SIGTERM right after the terminal's SIGINT), except a SIGINT more than
+    ``GRACE_S`` after the first notice: a second Ctrl-C ends the process at once (checkpoints stay
+    safe: resume ignores partial ones)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    GRACE_S = 2.0
+
+    def __init__(self):
+        self.signal, self.since, self.pid = None, 0.0, os.getpid()
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if os.getpid() != self.pid:
+            return  # a forked data-loader worker (same process group): its trainer handles it
+        if self.signal is None:
+            self.signal, self.since = signal.Signals(signum).name, time.monotonic()
+            os.write(2, f"newtonlm: {self.signal} received: checkpointing at the next step boundary "
+                        "(Ctrl-C again to exit now)\n".encode())  # no buffered I/O in a handler
+        elif signum == signal.SIGINT and time.monotonic() - self.since > self.GRACE_S:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@dataclass
+class Job:
+    """What the loop needs, built once by :func:`setup`."""
+
+    cfg: TrainConfig
+    wandb_cfg: WandbConfig
+    run_dir: Path
+    dist: DistInfo               # rank, world size, device
+    stop: _StopRequest
+    tokenizer: Any
+    engine: Any                  # deepspeed.DeepSpeedEngine; engine.module is the Hugging Face model
+    optimizer: Any               # as deepspeed.initialize returned it (a ZeRO wrapper for ZeRO >= 1)
+    scheduler: Any
+    train_loader: ResumableLoader
+    val_loader: FixedBatches | None
+    ckpts: Checkpoints
+    resolved: dict               # the resolved config: config.yaml, checkpoints, wandb
+    total_steps: int
+    parameters: dict             # count_parameters of the model
+    flops_per_token: float
+    peak_flops: float            # of one device, for MFU
+    peak_source: str
+    description: str             # the start-up line
+
+
+@dataclass
+class Counters:
+    """Where the run stands; saved in every checkpoint (``client_state``) and restored on resume."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    skipped_total: int = 0
+    consecutive_skips: int = 0
+
+
+def count_targets(batch: dict) -> int:
+    """Scored targets of a batch ``{"input_ids": [B, T], "targets": [B, T]}``."""
+    return int((batch["targets"] != IGNORE_INDEX).sum())
+
+
+def token_loss_sum(model, batch: dict, device) -> torch.Tensor:
+    """Sum of the cross-entropy of the logits at each position of ``batch["input_ids"]`` ``[B, T]``
+    against ``batch["targets"]`` ``[B, T]`` (the next tokens: already shifted, so no shift here);
+    ``model``: a causal LM or the DeepSpeed engine around one."""
+    logits = model(input_ids=batch["input_ids"].to(device)).logits
+    targets = batch["targets"].to(device)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+@torch.no_grad()
+def evaluate(engine, val_loader, device) -> dict:
+    """Validation loss (mean over every target of every rank), perplexity and target count."""
+    engine.eval()
+    total, count = 0.0, 0
+    for batch in val_loader:
+        total, count = total + token_loss_sum(engine, batch, device).item(), count + count_targets(batch)
+    newton_stats(engine.module, reset=True)  # keep evaluation out of the training telemetry
+    engine.train()
+    total, count = all_reduce_sum([total, count], device)
+    val_loss = total / max(count, 1)
+    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_tokens": int(count)}
+
+
+@torch.no_grad()
+def sample_text(engine, tokenizer, prompt: str, max_new_tokens: int, device, seed: int) -> str:
+    model = engine.module
+    model.eval()
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    torch.manual_seed(seed)
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=True, top_k=40, temperature=0.8,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+    model.train()
+    return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+# ---- resume: pure decisions (unit-tested) and their application ----------------------------------
+
+@dataclass(frozen=True)
+class ResumePlan:
+    tag: str | None = None           # the checkpoint to resume from; None: start at step 0
+    delete: tuple[str, ...] = ()     # checkpoint folders to delete first
+    error: str | None = None         # why the run must not start (raised on every rank)
+
+
+def _tag_step(tag: str) -> int:
+    return int(tag.removeprefix("step_"))
+
+
+def resume_plan(checkpoints: dict[str, bool], cfg: TrainConfig, where: str = "checkpoints") -> ResumePlan:
+    """What ``cfg.resume`` and ``cfg.overwrite`` mean for a run directory whose checkpoint folder
+    ``where`` holds ``checkpoints`` (tag ``step_NNNNNNNN`` -> complete, i.e. has its marker).
+
+    auto: the newest complete checkpoint, or a fresh start. ``step_N``: that one; later folders
+    (which ``auto`` would pick next time) are deleted with ``overwrite``, else an error. none: a
+    fresh start, refused while checkpoints exist unless ``overwrite`` (then they are deleted)."""
+    tags = sorted(checkpoints, key=_tag_step)
+    if cfg.resume == "auto":
+        complete = [t for t in tags if checkpoints[t]]
+        return ResumePlan(tag=complete[-1] if complete else None)
+    if cfg.resume.startswith("step_"):
+        newer = tuple(t for t in tags if _tag_step(t) > _tag_step(cfg.resume))
+        if newer and not cfg.overwrite:
+            return ResumePlan(error=f"train.resume={cfg.resume} but {where} also holds later checkpoints "
+                                    f"({', '.join(newer)}) that the resumed run would overwrite and "
+                                    "train.resume=auto would pick: add train.overwrite=true to delete them, "
+                                    "or resume in another hydra.run.dir")
+        return ResumePlan(tag=cfg.resume, delete=newer)
+    if tags and not cfg.overwrite:
+        return ResumePlan(error=f"{where} already holds checkpoints and train.resume=none: use "
+                                "train.resume=auto, another hydra.run.dir, or train.overwrite=true")
+    return ResumePlan(delete=tuple(tags))
+
+
+def check_resume_config(saved: dict, resolved: dict, world: int) -> None:
+    """Raise ValueError naming every setting in which the checkpoint's ``client_state`` (``saved``)
+    differs from this run (``resolved`` config, ``world`` size) where a resume would not continue the
+    same run: the model, the data, ``train.{seq_len, micro_batch_size, grad_accum, seed}``, the
+    world size."""
+    diffs = [part for part in ("model", "data") if saved["config"].get(part) != resolved.get(part)]
+    diffs += [f"train.{key}" for key in _RESUME_KEYS
+              if saved["config"]["train"].get(key) != resolved["train"].get(key)]
+    if saved["world_size"] != world:
+        diffs.append(f"world size ({saved['world_size']} saved, {world} now)")
+    if diffs:
+        raise ValueError(f"the checkpoint was written with different settings ({', '.join(diffs)}); "
+                         "resume with the same ones, or start a new run (another hydra.run.dir, or "
+                         "train.resume=none train.overwrite=true)")
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": np.random.get_state()}
+    if torch.cuda.is_available():  # this rank's GPU
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _gather(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def checkpoint_index(ckpts: Checkpoints) -> dict[str, bool]:
+    """Every checkpoint folder of the run directory: tag -> complete (the input of resume_plan)."""
+    complete = {tag for _, tag in ckpts.complete()}
+    return {tag: tag in complete for tag in ckpts.all_tags()}
+
+
+def resume(job: Job) -> tuple[Counters, str | None]:
+    """(counters, the tag resumed from or None). Rank 0 plans from its view of the run directory
+    and every rank follows; a resumed rank gets back its data-loader position and RNG states."""
+    ckpts, plan = job.ckpts, None
+    if job.dist.is_main:
+        plan = asdict(resume_plan(checkpoint_index(ckpts), job.cfg, str(ckpts.root)))
+    plan = ResumePlan(**broadcast_object(plan))
+    if plan.error:
+        raise ValueError(plan.error)
+    if plan.delete:
+        ckpts.remove(list(plan.delete))
+    if plan.tag is None:
+        return Counters(), None
+    state = ckpts.load(job.engine, plan.tag)
+    check_resume_config(state, job.resolved, job.dist.world_size)
+    counters = Counters(step=state["step"], tokens_seen=state["tokens_seen"],
+                        skipped_total=state.get("skipped_total", 0),
+                        consecutive_skips=state.get("consecutive_skips", 0))
+    job.train_loader.load_state_dict(state["data"][job.dist.rank])
+    _set_rng_state(state["rng"][job.dist.rank])
+    return counters, plan.tag
+
+
+def save_checkpoint(job: Job, counters: Counters) -> None:
+    """A checkpoint of the current step: the engine's state plus what :func:`resume` restores."""
+    world = job.dist.world_size
+    client = {**asdict(counters), "world_size": world, "config": job.resolved,
+              "data": _gather(job.train_loader.state_dict(), world), "rng": _gather(_rng_state(), world)}
+    job.ckpts.save(job.engine, counters.step, client)
+
+
+# ---- set-up --------------------------------------------------------------------------------------
+
+def _describe_engine(engine, optimizer, precision: str) -> str:
+    base = getattr(optimizer, "optimizer", optimizer)  # the ZeRO wrapper's inner optimizer
+    return (f"DeepSpeed ZeRO-{engine.zero_optimization_stage()}, {type(base).__name__}"
+            + (" (optimizer offloaded to CPU)" if engine.zero_cpu_offload() else "")
+            + f", {precision}" + (", torch.compile" if engine.is_compiled else ""))
+
+
+def setup(cfg: DictConfig) -> Job:
+    """Process group, run directory, tokenizer (trained once by rank 0 and cached), model, DeepSpeed
+    engine, data loaders, MFU constants."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    stop = _StopRequest()  # from here on a SIGTERM / SIGINT ends the run with a checkpoint
+    train_cfg, wandb_cfg = load_settings(cfg)
+    info = init_distributed(train_cfg.dist_timeout_s, shm_comm=train_cfg.deepspeed_shm_comm)
+    world = info.world_size
+    validate_settings(train_cfg, wandb_cfg, world)
+    data_cfg = load_data_config(cfg.data)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        tokenizer = get_or_train_tokenizer(data_cfg)
+        tokenizer.save_pretrained(run_dir / "tokenizer")
+    barrier()
+    if not info.is_main:
+        tokenizer = get_or_train_tokenizer(data_cfg)  # from rank 0's cache
+    vocab = vocab_size_for_model(tokenizer)
+    torch.manual_seed(train_cfg.seed)
+    model = build_model(cfg.model, vocab)
+    if train_cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+    parameters = count_parameters(model)
+
+    tokens_per_step = train_cfg.micro_batch_size * train_cfg.seq_len * train_cfg.grad_accum * world
+    total_steps = (math.ceil(train_cfg.max_tokens / tokens_per_step) if train_cfg.max_tokens > 0
+                   else train_cfg.max_steps)
+    optimizer = build_optimizer(model, train_cfg)
+    scheduler = build_scheduler(optimizer, train_cfg, total_steps)
+    import deepspeed
+
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(train_cfg, world), dist_init_required=False)
+    if train_cfg.compile:
+        engine.compile()
+    train_loader, val_loader = build_dataloaders(
+        data_cfg, tokenizer, train_cfg.seq_len, train_cfg.micro_batch_size, info.rank, world,
+        train_cfg.seed, model_vocab_size=vocab)
+    peak, peak_source = peak_flops(info.device, train_cfg.precision, train_cfg.peak_flops)
+    description = (f"{cfg.model.arch} {parameters['total']:,} parameters "
+                   f"({parameters['non_embedding']:,} non-embedding), vocab {vocab}, world {world}, "
+                   f"{tokens_per_step} tokens/step, {total_steps} steps, "
+                   f"{_describe_engine(engine, optimizer, train_cfg.precision)}, run dir {run_dir}")
+    return Job(cfg=train_cfg, wandb_cfg=wandb_cfg, run_dir=run_dir, dist=info, stop=stop,
+               tokenizer=tokenizer, engine=engine, optimizer=optimizer, scheduler=scheduler,
+               train_loader=train_loader, val_loader=val_loader,
+               ckpts=Checkpoints(run_dir / "checkpoints", train_cfg.keep_last, info.is_main),
+               resolved=resolved, total_steps=total_steps, parameters=parameters,
+               flops_per_token=flops_per_token(cfg.model, vocab, train_cfg.seq_len),
+               peak_flops=peak, peak_source=peak_source, description=description)
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+
+def _grad_norm(job: Job) -> float | None:
+    norm = getattr(job.optimizer, "last_grad_norm", None)  # SkippingAdamW (ZeRO 0)
+    if norm is None:
+        norm = job.engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+def log_due(step: int, total_steps: int, log_every: int) -> bool:
+    return step % log_every == 0 or step == total_steps
+
+
+def validation_due(step: int, total_steps: int, eval_every: int) -> bool:
+    """Validate after ``step``? Never at the last step: the final validation (:func:`finish`) does
+    it, once."""
+    return eval_every > 0 and step % eval_every == 0 and step < total_steps
+
+
+def train_step(job: Job, counters: Counters, batches: Iterator[dict], t0: float) -> tuple[dict, bool]:
+    """One optimizer step over ``grad_accum`` micro-batches; advances ``counters``. Returns the
+    step's record (metrics.jsonl) and whether any rank received a stop notice. ``t0``: when the
+    previous step's bookkeeping ended (the step's time runs from there: waiting for data counts)."""
+    cfg, engine, device, world = job.cfg, job.engine, job.dist.device, job.dist.world_size
+    micro = [next(batches) for _ in range(cfg.grad_accum)]
+    data_wait = time.perf_counter() - t0  # > a few % of the step: the input pipeline is slow
+    (n_global,) = all_reduce_sum([sum(count_targets(mb) for mb in micro)], device)
+    skipped_before = engine.skipped_steps
+    lr = job.scheduler.get_last_lr()[0]  # the rate this step applies (the engine steps the schedule)
+    loss_sum = 0.0
+    for mb in micro:
+        loss = token_loss_sum(engine, mb, device)
+        if counters.step + 1 in cfg.inject_nan_steps:
+            loss = loss * float("nan")
+        # mean over every target token of the step on every rank (ranks' grads are averaged)
+        engine.backward(loss * (world / n_global), scale_wrt_gas=False)
+        engine.step()
+        loss_sum += loss.item()
+    counters.step += 1
+    faults.after_step(counters.step, job.dist.rank)
+    # one collective for the step's loss and the stop notices of all ranks
+    loss_total, stop_flag = all_reduce_sum([loss_sum, float(job.stop.signal is not None)], device)
+    skipped = engine.skipped_steps > skipped_before  # a non-finite loss or gradient: no update
+    counters.consecutive_skips = counters.consecutive_skips + 1 if skipped else 0
+    counters.skipped_total += int(skipped)
+    counters.tokens_seen += int(n_global)
+    record = {"kind": "train", "step": counters.step, "loss": loss_total / n_global, "lr": lr,
+              "grad_norm": _grad_norm(job), "tokens_seen": counters.tokens_seen, "skipped": skipped,
+              "skipped_total": counters.skipped_total}
+    if log_due(counters.step, job.total_steps, cfg.log_every):  # Newton telemetry since the last record
+        record.update(newton_stats(engine.module, reset=True))
+    dt = time.perf_counter() - t0
+    record.update(tokens_per_s=n_global / dt, step_time_s=dt, data_wait_s=data_wait,
+                  mfu=mfu(job.flops_per_token, n_global, dt, job.peak_flops, world))
+    return record, stop_flag > 0
+
+
+def stop_reason(job: Job, counters: Counters, stop_requested: bool) -> tuple[str, int] | None:
+    """(status, exit code) if the run stops after this step: too many non-finite steps in a row
+    (exit 3), or a preemption notice on some rank (exit 0); None to go on."""
+    if counters.consecutive_skips >= job.cfg.max_consecutive_skips:
+        return f"stopped: {counters.consecutive_skips} consecutive non-finite steps", 3
+    if stop_requested:
+        return f"preempted ({job.stop.signal or 'signal on another rank'})", 0
+    return None
+
+
+def validate(job: Job, counters: Counters, log: RunLog, final: bool = False) -> dict:
+    val = evaluate(job.engine, job.val_loader, job.dist.device)
+    log.val(counters.step, counters.tokens_seen, val, final=final)
+    return val
+
+
+def run(cfg: DictConfig) -> dict:
+    """The job (module docstring); returns the summary that :func:`finish` prints."""
+    job = setup(cfg)
+    counters, resumed_from = resume(job)  # step 0, or where the newest checkpoint left off
+    log = RunLog(job.run_dir, job.dist.is_main, counters.step if resumed_from else None, job.wandb_cfg,
+                 job.resolved, job.total_steps, job.cfg.progress)
+    if job.dist.is_main:
+        print(f"newtonlm: {job.description}" + (f", resumed from {resumed_from}" if resumed_from else ""),
+              file=sys.stderr, flush=True)
+
+    status, exit_code = "finished", 0
+    batches = iter(job.train_loader)
+    t0 = time.perf_counter()  # a step's time runs from the end of the previous step's bookkeeping
+    while counters.step < job.total_steps:
+        record, stop_requested = train_step(job, counters, batches, t0)
+        if log_due(counters.step, job.total_steps, job.cfg.log_every):
+            log.train(record)
+        if (stop := stop_reason(job, counters, stop_requested)) is not None:
+            status, exit_code = stop
+            save_checkpoint(job, counters)  # the last good state: skipped steps change no weight
+            break
+        if job.val_loader is not None and validation_due(counters.step, job.total_steps, job.cfg.eval_every):
+            validate(job, counters, log)
+        if counters.step % job.cfg.save_every == 0 or counters.step == job.total_steps:
+            save_checkpoint(job, counters)
+        t0 = time.perf_counter()
+    return finish(job, counters, log, status, exit_code)
+
+
+def finish(job: Job, counters: Counters, log: RunLog, status: str, exit_code: int) -> dict:
+    """A finished run: final validation and a text sample. Then the summary on stdout; a run stopped
+    by non-finite steps exits with its code."""
+    result = {"status": status, "step": counters.step, "tokens_seen": counters.tokens_seen,
+              "run_dir": str(job.run_dir), "parameters": job.parameters, "peak_flops": job.peak_flops,
+              "peak_flops_source": job.peak_source}
+    if status == "finished":
+        if job.val_loader is not None:
+            result.update(validate(job, counters, log, final=True))
+        if job.cfg.sample_tokens > 0:
+            result["sample"] = sample_text(job.engine, job.tokenizer, job.cfg.sample_prompt,
+                                           job.cfg.sample_tokens, job.dist.device, job.cfg.seed)
+    log.close()
+    if job.dist.is_main:
+        _report(result)
+    barrier()
+    if exit_code:
+        print(f"newtonlm: {status}; checkpoint of the last good state at step {counters.step} in "
+              f"{job.ckpts.root}", file=sys.stderr)
+        sys.exit(exit_code)
+    return result
+
+
+def _report(result: dict) -> None:
+    lines = [f"status: {result['status']} at step {result['step']} "
+             f"({result['tokens_seen']:,} tokens), run dir {result['run_dir']}"]
+    if "val_loss" in result:
+        lines.append(f"validation: loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.2f} "
+                     f"({result['val_tokens']:,} tokens)")
+    if "sample" in result:
+        lines.append("sample:\n" + result["sample"])
+    print("\n".join(lines), flush=True)
