@@ -13,6 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_compare_end_to_end_and_resume(tmp_path, monkeypatch):
     runs, out = tmp_path / "runs", tmp_path / "out"
     train = [*_smoke_train(), f"data.tokenizer.cache_dir={tmp_path}"]

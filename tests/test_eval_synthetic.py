@@ -130,6 +130,7 @@ def test_lr_schedule_is_the_former_cosine_to_a_tenth(warmup, steps):
         lr_schedule(opt, TrainSettings(steps=7, warmup_steps=-1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["paragru", "paralstm", "llama", "mamba2"])
 def test_train_model_runs_and_learns_something(arch):
     settings = TrainSettings(steps=25, batch_size=16, min_len=8, max_len=12, lr=1e-2, warmup_steps=2)
@@ -139,6 +140,7 @@ def test_train_model_runs_and_learns_something(arch):
     assert 0.0 <= r["acc"] <= 1.0 and r["length"] == 24
 
 
+@pytest.mark.slow
 def test_command_end_to_end(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "newtonlm.eval.synthetic", "tasks=[parity,selective_copy]",

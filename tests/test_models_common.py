@@ -38,6 +38,7 @@ def test_forward_loss_and_backward(arch):
     assert model.get_input_embeddings().weight.grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_overfits_a_fixed_batch(arch):
     model = _model(arch).train()

@@ -7,9 +7,11 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
 from helpers import REPO
 
 
+@pytest.mark.slow
 def test_wheel_ships_configs_and_the_trainer_composes_from_it(tmp_path):
     # build from a copy of the source tree (setuptools leaves build/ behind in the tree it builds)
     src = tmp_path / "src"

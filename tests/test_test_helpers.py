@@ -68,6 +68,7 @@ def _gone(pids, timeout=20.0) -> list[int]:
     return [p for p in pids if _alive(p)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["ctrl-c", "failed test"])
 def test_no_orphans(tmp_path, how):
     proc, pids = _inner_run(tmp_path, fail=how == "failed test")
