@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test lint bench
+.PHONY: venv demo test test-fast lint bench
 venv:
 	VENV=$(VENV) scripts/setup_venv.sh
 
@@ -11,6 +11,11 @@ demo: venv
 
 test: venv
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+	$(VENV)/bin/ruff check .
+
+# the quick run while developing: everything but the tests marked slow (subprocess trainers, exports)
+test-fast: venv
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not slow" tests
 	$(VENV)/bin/ruff check .
 
 bench: venv
