@@ -47,15 +47,44 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
 
 
+def missing_tokenizer_folder(name_or_path: str) -> DataError | None:
+    """The error for a tokenizer location that must be a local folder and does not exist, else
+    None. A local folder: not a valid hub id (absolute, ``./``, more than one ``/``), or
+    ``parent/name`` whose ``parent`` is an existing local folder (``runs/tok``: a missing folder, not
+    a hub repository to try for a minute offline). Checked before transformers is asked, which
+    answers "Repo id must be in the form ..." for a path."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return None if path.is_dir() else DataError(
+            f"tokenizer {name_or_path!r} is a file; expected a folder with tokenizer.json "
+            "(as save_pretrained writes it) or a Hugging Face hub id")
+    try:
+        validate_repo_id(name_or_path)
+        local = "/" in name_or_path and path.parent.is_dir()
+    except HFValidationError:
+        local = True
+    if local:
+        where = "" if path.is_absolute() else f" ({path.absolute()})"
+        return DataError(f"tokenizer folder {name_or_path!r}{where} does not exist; expected "
+                         "a folder with tokenizer.json (as save_pretrained writes it) or a Hugging Face "
+                         "hub id such as 'org/name'")
+    return None  # may be a hub id such as "gpt2" or "org/name"
+
+
 def load_tokenizer(name_or_path: str):
     """A pretrained fast tokenizer by local path or hub name. It must define an EOS token (it
     separates documents); a missing PAD token is set to EOS (packing never pads)."""
     from transformers import AutoTokenizer
 
+    if (missing := missing_tokenizer_folder(name_or_path)) is not None:
+        raise missing
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except Exception as exc:  # OSError for a missing path, hub errors offline, ...
-        raise DataError(f"tokenizer {name_or_path!r} could not be loaded: "
+        hub = "" if Path(name_or_path).expanduser().exists() else " (no such folder; tried as a hub id)"
+        raise DataError(f"tokenizer {name_or_path!r}{hub} could not be loaded: "
                         f"{type(exc).__name__}: {exc}") from exc
     if getattr(tokenizer, "backend_tokenizer", None) is None:
         raise DataError(f"tokenizer {name_or_path!r} is not a fast (Rust) tokenizer")

@@ -10,16 +10,27 @@ The top-level config composed from ``configs/train.yaml`` is::
 ``TrainConfig`` and ``WandbConfig`` are registered in Hydra's ConfigStore (``train/schema``,
 ``wandb/schema``), so a misspelled ``train.*`` / ``wandb.*`` key or a wrongly typed value is an error
 at composition, before anything runs.
+
+The checks ``python -m newtonlm.training.train`` runs before importing torch (each raises
+:class:`~newtonlm.training.errors.UserError` or newtonlm.data's ``DataError`` with one message):
+:func:`compose_train_config` (Hydra's composition errors, as a "did you mean" for misspelled keys
+and options), :func:`check_run_dir`, :func:`check_job` (:func:`load_settings`, :func:`validate`,
+the data config and the paths it names).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
+
+from ..paths import CONFIG_DIR
+from .errors import UserError
 
 SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("fp32", "bf16")
@@ -125,17 +136,17 @@ def load_settings(cfg) -> tuple[TrainConfig, WandbConfig]:
             close = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
             hints = ", ".join(f"{section}.{k}" + (f" (did you mean {section}.{c[0]}?)" if c else "")
                               for k, c in close.items())
-            raise ValueError(f"unknown setting(s) {hints}; the fields are documented in "
-                             f"newtonlm/training/config.py ({cls.__name__})")
+            raise UserError(f"unknown setting(s) {hints}; the fields are documented in "
+                            f"newtonlm/training/config.py ({cls.__name__})")
         out.append(OmegaConf.to_object(cfg[section]))
     return out[0], out[1]
 
 
 def validate(train: TrainConfig, wandb: WandbConfig, world_size: int) -> None:
-    """Value checks the types cannot express: raise ValueError naming the key and what is expected."""
+    """Value checks the types cannot express: raise UserError naming the key and what is expected."""
     def need(cond, key, value, expected):
         if not cond:
-            raise ValueError(f"train.{key}={value!r}; expected {expected}")
+            raise UserError(f"train.{key}={value!r}; expected {expected}")
 
     for key in ("max_steps", "seq_len", "micro_batch_size", "grad_accum", "save_every", "keep_last",
                 "log_every", "max_consecutive_skips", "dist_timeout_s"):
@@ -158,5 +169,129 @@ def validate(train: TrainConfig, wandb: WandbConfig, world_size: int) -> None:
     need(train.grad_clip >= 0, "grad_clip", train.grad_clip, ">= 0")
     need(train.weight_decay >= 0, "weight_decay", train.weight_decay, ">= 0")
     if wandb.mode not in ("offline", "online", "disabled"):
-        raise ValueError(f"wandb.mode={wandb.mode!r}; expected offline, online or disabled")
+        raise UserError(f"wandb.mode={wandb.mode!r}; expected offline, online or disabled")
     assert world_size >= 1
+
+
+# ---- checks before the heavy imports (python -m newtonlm.training.train) -------------------------
+
+# Where the settings of each top-level section are documented, for "no such setting" messages.
+_SETTINGS_DOCS = {
+    "train": "newtonlm/training/config.py (TrainConfig)",
+    "wandb": "newtonlm/training/config.py (WandbConfig)",
+    "data": "newtonlm/data/config.py (DataConfig) and docs/data.md",
+    "model": "configs/model/*.yaml and docs/models.md",
+    "hydra": "Hydra's documentation; `--cfg hydra` prints them",
+}
+
+
+def _did_you_mean(name: str, choices, prefix: str = "") -> str:
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def composition_error(exc: Exception, overrides: list[str] = ()) -> UserError:
+    """One message for an error Hydra raised while composing the configuration from ``overrides``:
+    a misspelled key or option gets a "did you mean" from the names the configuration has, in place
+    of Hydra's hint to append the key with ``+`` (which a typed section refuses anyway)."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    cause = exc.__cause__
+    if isinstance(exc, MissingConfigException) and exc.options is not None:  # an unknown option
+        group, _, name = str(exc.missing_cfg_file).rpartition("/")
+        options = [o for o in exc.options if o != "schema"]  # the schemas are not choices
+        return UserError(f"{group}={name}: no such option{_did_you_mean(name, options, group + '=')}; "
+                         f"the options of {group}: {', '.join(options)}")
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.parent_node is not None:
+        key = cause.full_key or str(cause.key)
+        parent, _, name = key.rpartition(".")
+        prefix = parent + "." if parent else ""
+        known = list(cause.parent_node.keys())
+        section = key.split(".")[0]
+        guess = _did_you_mean(name, known, prefix)
+        if section == "model" and parent:  # a preset's fields are a subset of the architecture's config
+            line = next((o for o in overrides if o.startswith(key + "=")), f"{key}=...")
+            return UserError(f"{key}: the model preset has no such field{guess}; a field of the "
+                             "architecture's transformers config that the preset does not set is added "
+                             f"with +{line} (presets: {_SETTINGS_DOCS['model']})")
+        where = (f"the {section} settings are documented in {_SETTINGS_DOCS.get(section, 'configs/')}"
+                 if parent else f"the top-level sections are {', '.join(known)}")
+        return UserError(f"{key}: no such setting{guess}; {where}; "
+                         "`python -m newtonlm.training.train --cfg job` prints the whole configuration")
+    message = str(exc).strip()
+    if cause is not None:  # OmegaConf's first line says what is wrong with the value
+        message += ": " + str(cause).strip().splitlines()[0]
+    return UserError(message)
+
+
+def compose_train_config(overrides: list[str]):
+    """The configuration ``python -m newtonlm.training.train *overrides`` composes (Hydra's compose
+    API on the same config folder, the ``hydra`` node included and its run directory resolved), or a
+    :class:`UserError` from :func:`composition_error`. Sweeps (``a=1,2`` with ``--multirun``) must be
+    reduced to one value first."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf, read_write
+    from omegaconf.errors import OmegaConfBaseException
+
+    register_schemas()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise composition_error(exc, list(overrides)) from exc
+    hydra_config = HydraConfig.instance()
+    hydra_config.set_config(cfg)  # the ${hydra:...} interpolations of hydra.run.dir read it
+    try:
+        with read_write(cfg.hydra):
+            OmegaConf.resolve(cfg.hydra.run)
+    except OmegaConfBaseException as exc:
+        raise UserError(f"hydra.run.dir={OmegaConf.to_container(cfg.hydra.run)['dir']!r}: {exc}") from exc
+    finally:
+        hydra_config.cfg = None  # hydra.main sets its own
+    return cfg
+
+
+def check_run_dir(run_dir: str | os.PathLike) -> None:
+    """Raise UserError when the run directory cannot be a writable folder: it or a parent is a
+    file, or the nearest existing folder is not writable."""
+    path = Path(run_dir)
+    for p in (path, *path.parents):
+        if not p.exists():
+            continue
+        if not p.is_dir():
+            raise UserError(f"hydra.run.dir={str(run_dir)!r}: {p} is a file, so the run directory cannot be "
+                            "created there; choose another hydra.run.dir")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise UserError(f"hydra.run.dir={str(run_dir)!r}: {p} is not writable; choose another "
+                            "hydra.run.dir")
+        return
+
+
+def check_job(cfg, world_size: int = 1) -> None:
+    """Every check of a composed configuration ``cfg`` that needs no heavy import: the settings
+    (:func:`load_settings`, :func:`validate`), the data config, and the paths it names (data files
+    and globs, the shards folder, a pretrained tokenizer folder). Raises UserError or DataError."""
+    from ..data import DataError, load_data_config
+    from ..data.sources import resolve_files
+    from ..data.tokenizer import missing_tokenizer_folder
+
+    validate(*load_settings(cfg), world_size)
+    data = load_data_config(cfg.data)
+    if data.format == "shards":
+        if not Path(data.shards_dir).is_dir():
+            raise DataError(f"data.shards_dir={data.shards_dir!r} does not exist; write the shards first "
+                            "(python -m newtonlm.data.prepare with the same data settings) or use "
+                            "data.format=stream")
+    else:
+        for name, source in data.sources.items():
+            if source.kind != "files":  # bundled corpora and hub datasets name no local path
+                continue
+            try:
+                resolve_files(source)
+            except DataError as exc:
+                raise DataError(f"data.sources.{name}.paths={list(source.paths)}: {exc}") from exc
+    if data.tokenizer.pretrained and (missing := missing_tokenizer_folder(data.tokenizer.pretrained)):
+        raise DataError(f"data.tokenizer.pretrained: {missing}")
