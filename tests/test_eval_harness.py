@@ -3,6 +3,7 @@ type on a saved folder, the in-process runner, and the context length lm_eval re
 
 import json
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,40 @@ def test_lm_eval_hf_model_type_on_a_saved_folder(tasks_dir, byte_llama):
     assert m["byte_perplexity"] == pytest.approx(320.0, rel=1e-5)
 
 
+def test_mismatched_or_damaged_models_are_refused_before_lm_eval_runs(tasks_dir, byte_llama, tmp_path,
+                                                                     capsys):
+    """A tokenizer with more ids than the embedding (in-process runner and lm_eval's `hf` loading of
+    a folder) and a truncated model.safetensors: clear errors naming the sizes or the file; the
+    command prints one line and exits 2."""
+    import shutil
+
+    from newtonlm.eval.harness import main
+    from newtonlm.eval.loading import LoadedModel
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 7))) for _ in range(4000)]
+    big = train_bpe_tokenizer([" ".join(words)], 400)
+    assert len(big) == 400  # the uniform Llama's embedding has 320 rows
+    lm = load_for_eval(byte_llama)
+    wrong = LoadedModel(lm.model, big, lm.arch, lm.context, lm.recurrent, "a model")
+    with pytest.raises(ValueError, match=rf"max token id \+ 1 = {len(big)}\), but the model at a model has "
+                       "an embedding of 320 rows"):
+        run_lm_eval(wrong, ["newtonlm_shakespeare_val"], tasks_dir)
+    folder = tmp_path / "hf"
+    shutil.copytree(byte_llama, folder)
+    big.save_pretrained(folder)
+    with pytest.raises(ValueError, match=rf"the tokenizer at {folder} .* embedding of 320 rows"):
+        run_lm_eval("hf", ["newtonlm_shakespeare_val"], tasks_dir, model_args=f"pretrained={folder}")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", str(folder), "--tasks-dir", str(tasks_dir)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"newtonlm harness: error: cannot read {weights} (") and "SafetensorError" in err
+
+
+@pytest.mark.slow
 def test_exported_paragru_under_lm_eval_hf_equals_the_in_process_runner(tasks_dir, tmp_path):
     """A one-step DeepSpeed run of a tiny ParaGRU, exported by the export command: lm_eval's `hf`
     model type with trust_remote_code gives finite numbers, equal to the in-process runner on the

@@ -133,6 +133,30 @@ def test_windows_and_bins_cover_every_target_once(tokenizer):
     assert capped.n_docs == 1 and capped.n_bytes == len(TEXTS[0].encode())
 
 
+def test_a_tokenizer_with_ids_beyond_the_embedding_is_refused_before_scoring(tokenizer, tmp_path, capsys):
+    """A model whose embedding has fewer rows than the tokenizer has ids: a clear error naming both
+    sizes (not "IndexError: index out of range in self" from inside the embedding), from the Python
+    entry point and from the command (one line, exit 2)."""
+    import newtonlm.eval.perplexity as ppl
+
+    rows = 256  # the tokenizer has 300 ids
+    model = tiny_model("paragru", rows)
+    stream = token_stream(TEXTS, tokenizer)
+    with pytest.raises(ValueError, match=r"produces token ids up to 299 \(max token id \+ 1 = 300\), but the "
+                       r"model at test has an embedding of 256 rows"):
+        evaluate_stream(loaded(model, tokenizer, "paragru", 8), stream, 16)
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    capsys.readouterr()  # save_pretrained's own bar
+    with pytest.raises(SystemExit) as exit_:
+        ppl.main([str(tmp_path / "hf"), "--quiet"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"newtonlm perplexity: error: the tokenizer at {tmp_path / 'hf'} produces token "
+                          "ids up to 299 (max token id + 1 = 300)") and "256 rows" in err
+
+
+@pytest.mark.slow
 def test_command_on_a_training_run(tmp_path, capsys):
     """A real (one-step) DeepSpeed run, evaluated by the command on its held-out split: the JSON
     result equals an independent forward of the checkpoint's weights."""

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from helpers import start_process, start_trainer, wait_process
 from safetensors.torch import load_file
+from test_export_verify import make_run, run_tokenizer
 
 from newtonlm import export as ex
 from newtonlm.export import bundle, bundle_loader, source
@@ -113,6 +114,43 @@ def test_the_run_directory_reader_reads_what_the_trainers_checkpoints_write(tmp_
         source.read_tokenizer(run)
 
 
+def test_the_exports_verifier_accepts_what_the_trainers_checkpoints_write(tmp_path):
+    """The manifest (the COMPLETE marker, format 2) that the trainer's Checkpoints writes passes the
+    export's own verifier; a truncated file, a changed byte and a missing file are named by it."""
+    from newtonlm.training import checkpoint
+
+    if not hasattr(checkpoint, "FORMAT"):
+        pytest.skip("newtonlm/training/checkpoint.py does not write manifests yet")
+    run = tmp_path / "run"
+    (run / "tokenizer").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: {}\n")
+    ckpts = checkpoint.Checkpoints(run / "checkpoints", keep_last=3, is_main=True)
+    config = {"model": {"arch": "paragru"}, "train": {"zero_stage": 0, "seq_len": 16}}
+    for step in (1, 2):
+        client = {"step": step, "tokens_seen": 64 * step, "world_size": 1, "config": config,
+                  "tokenizer_fingerprint": "0123456789abcdef", "data": [{}], "rng": [{}]}
+        ckpts.save(FakeEngine(torch.nn.Linear(3, 2)), step, client)
+    folder = run / "checkpoints" / "step_00000002"
+    file = folder / "mp_rank_00_model_states.pt"
+    manifest = source.read_manifest(folder)
+    assert manifest["format"] == source.MANIFEST_FORMAT and set(manifest["files"]) == {file.name}
+    assert manifest["files"][file.name]["size"] == file.stat().st_size
+    source.verify_files(folder, manifest)
+    got = source.read_checkpoint(run)
+    assert (got.step, got.tokenizer_fingerprint, got.notes) == (2, "0123456789abcdef", [])
+    data = file.read_bytes()
+    file.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit, same size: the CRC-32 sees it
+    with pytest.raises(source.ExportError, match=f"{file} has crc32 [0-9a-f]{{8}}, the manifest records"):
+        source.verify_files(folder, manifest)
+    file.write_bytes(data[:100])
+    with pytest.raises(source.ExportError, match=f"{file} has 100 bytes, the manifest records {len(data):,}"):
+        source.read_checkpoint(run)
+    assert ckpts.verify("step_00000002") is not None  # the trainer's own verifier agrees
+    file.unlink()
+    with pytest.raises(source.ExportError, match=f"{file} is missing"):
+        source.verify_files(folder, manifest)
+
+
 # the parts of newtonlm and the parts each may import (besides itself and newtonlm's top-level modules)
 LAYERS = {"kernels": set(), "data": set(), "models": {"kernels"}, "training": {"kernels", "models", "data"},
           "export": {"kernels", "models", "data"}, "eval": {"export", "kernels", "models", "data"}}
@@ -140,6 +178,7 @@ def test_imports_follow_the_layering():
                 assert not bad, f"{file.relative_to(REPO)} line {node.lineno} imports newtonlm.{bad[0]}"
 
 
+@pytest.mark.slow
 def test_the_command_is_python_m_newtonlm_export():
     out = subprocess.run([sys.executable, "-m", "newtonlm.export", "--help"], capture_output=True, text=True,
                          cwd=REPO, timeout=300)
@@ -480,6 +519,7 @@ def loaded(exported, references, tmp_path_factory):
 # ---------------------------------------------------------------- the exported folders
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_folder_holds_config_weights_tokenizer_card(arch, exported, references, runs):
     folder, facts = exported[arch], references[arch].facts
@@ -520,6 +560,7 @@ def test_folder_holds_config_weights_tokenizer_card(arch, exported, references, 
     assert f"{n_params:,} parameters" in card and str(runs[arch]) not in card
 
 
+@pytest.mark.slow
 def test_every_module_of_the_bundle_is_reachable_by_the_loader(exported):
     """transformers copies only files reached through 'from .x import' lines, recursively."""
     from transformers.dynamic_module_utils import get_relative_import_files
@@ -530,6 +571,7 @@ def test_every_module_of_the_bundle_is_reachable_by_the_loader(exported):
         assert reached | {"modeling_pararnn.py"} == {p.name for p in folder.glob("*.py")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_loads_without_newtonlm_and_logits_match_training(arch, loaded, references):
     ref, got = references[arch], loaded["results"][arch]
@@ -546,6 +588,7 @@ def test_loads_without_newtonlm_and_logits_match_training(arch, loaded, referenc
     assert got["module"].startswith("transformers_modules.") == (arch in REMOTE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_generate_produces_the_training_models_tokens(arch, loaded, references):
     got, ref = loaded["results"][arch]["generated"], references[arch].generated
@@ -553,6 +596,7 @@ def test_generate_produces_the_training_models_tokens(arch, loaded, references):
     assert torch.equal(got, ref)
 
 
+@pytest.mark.slow
 def test_isolated_process_used_no_newtonlm_and_no_triton(loaded):
     assert loaded["blocked_loaded"] == [] and loaded["repo_modules"] == [] and loaded["repo_on_path"] == []
     assert loaded["cpu_ext"] == ["loaded"]  # the bundled C source compiled in a fresh cache
@@ -565,6 +609,7 @@ def test_isolated_process_used_no_newtonlm_and_no_triton(loaded):
             "configuration_pararnn.py", "modeling_pararnn.py", "newtonlm_kernels.py"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", BF16)
 def test_bf16_export_loads(arch, exported, loaded, references):
     folder = exported[f"{arch}-bf16"]
@@ -581,6 +626,7 @@ def test_bf16_export_loads(arch, exported, loaded, references):
     assert diff < BF16_ATOL
 
 
+@pytest.mark.slow
 def test_bf16_export_loaded_as_fp32_is_the_rounded_training_model(loaded, references):
     model = references["paragru"].model
     saved = {k: v.clone() for k, v in model.state_dict().items()}
@@ -595,6 +641,7 @@ def test_bf16_export_loaded_as_fp32_is_the_rounded_training_model(loaded, refere
     assert torch.allclose(got["logits"], want, atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.slow
 def test_bundled_triton_kernels_run_under_the_interpreter(loaded, references):
     """The GPU path of the bundle (fused Newton kernels from the copied Triton modules), run by the
     Triton interpreter on CPU: the training model's logits and greedy tokens."""
@@ -628,6 +675,7 @@ def test_card_shows_eval_json_of_the_exported_checkpoint_only(tmp_path):
 # ---------------------------------------------------------------- choosing the checkpoint
 
 
+@pytest.mark.slow
 def test_step_choice_and_fallback_to_the_newest_complete(runs, references, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(runs["paragru"], run)
@@ -659,7 +707,10 @@ def _damaged_copy(src: Path, dst: Path) -> Path:
     return dst / "checkpoints" / "step_00000002"
 
 
+@pytest.mark.slow
 def test_missing_partial_and_corrupt_checkpoints_are_clear_errors(runs, tmp_path, capsys):
+    """On real DeepSpeed checkpoints (ZeRO 0, 2, 3). With the trainer's manifests the damage is found
+    by the verifier before loading (sizes); in runs without them (format-1 markers), by the loader."""
     out = tmp_path / "out"
     err = _fails(capsys, "--checkpoint", tmp_path / "nope", "--out", out)
     assert "does not exist" in err and "run directory" in err
@@ -670,29 +721,66 @@ def test_missing_partial_and_corrupt_checkpoints_are_clear_errors(runs, tmp_path
     err = _fails(capsys, "--checkpoint", ck, "--out", out)
     assert "is partial (no COMPLETE marker" in err and "steps 1" in err
     ck = _damaged_copy(runs["paragru"], tmp_path / "corrupt")
+    manifests = source.read_manifest(ck) is not None
     data = (ck / "mp_rank_00_model_states.pt").read_bytes()
     (ck / "mp_rank_00_model_states.pt").write_bytes(data[: len(data) // 2])
     err = _fails(capsys, "--checkpoint", tmp_path / "corrupt", "--out", out)
-    assert "mp_rank_00_model_states.pt" in err and "corrupt or truncated" in err
+    assert f"{ck / 'mp_rank_00_model_states.pt'}" in err
+    assert (f"has {len(data) // 2:,} bytes, the manifest records {len(data):,} (truncated)" if manifests
+            else "corrupt or truncated") in err
+    assert "the newest intact checkpoint is step_00000001, export it with --step 1" in err or not manifests
     ck = _damaged_copy(runs["llama"], tmp_path / "shard")
     (ck / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     err = _fails(capsys, "--checkpoint", tmp_path / "shard", "--out", out)
-    assert "ZeRO stage 3, world size 2) is partial" in err and "found 1" in err
+    assert (f"{ck / 'zero_pp_rank_1_mp_rank_00_optim_states.pt'} is missing (expected" if manifests else
+            "ZeRO stage 3, world size 2) is partial") in err
     ck = _damaged_copy(runs["paralstm"], tmp_path / "shard-corrupt")
     (ck / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"not a checkpoint")
     err = _fails(capsys, "--checkpoint", tmp_path / "shard-corrupt", "--out", out)
-    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in err and "corrupt or truncated" in err
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt has 16 bytes" in err if manifests else \
+        "corrupt or truncated" in err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
-def test_existing_output_needs_overwrite_and_failures_leave_nothing(runs, tmp_path, capsys, monkeypatch):
+@pytest.mark.slow
+def test_export_and_perplexity_commands_print_only_their_own_output(runs, tmp_path):
+    """Fresh processes (DeepSpeed's accelerator warning comes once per process, at its import) on a
+    ZeRO-2 run (DeepSpeed's zero_to_fp32 consolidates it): no DeepSpeed warning, no zero_to_fp32
+    prints or bars, no transformers bars. stdout: the export's one summary line."""
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    out = tmp_path / "hf"
+    export = [sys.executable, "-m", "newtonlm.export", "--checkpoint", str(runs["paralstm"]),
+              "--out", str(out)]
+    done = wait_process(start_process(export, env, tmp_path), timeout=600)
+    assert done.stdout.startswith("exported paralstm step 2") and done.stdout.count("\n") == 1, done.stdout
+    ppl = [sys.executable, "-m", "newtonlm.eval.perplexity", str(runs["paralstm"]), "--max-tokens", "64",
+           "--quiet", "--json"]
+    scored = wait_process(start_process(ppl, env, tmp_path), timeout=600)
+    assert json.loads(scored.stdout)["tokens"] >= 64
+    manifests = source.read_manifest(runs["paralstm"] / "checkpoints" / "step_00000002") is not None
+    for stderr in (done.stderr, scored.stderr):
+        # notes only for runs written before manifests and tokenizer fingerprints
+        assert stderr == "" if manifests else all("note: " in line for line in stderr.splitlines()), stderr
+        for noise in ("Setting accelerator", "Processing zero checkpoint", "Loading checkpoint shards",
+                      "Gathering sharded weights", "Loading weights", "Writing model shards", "it/s"):
+            assert noise not in stderr + done.stdout
+
+
+@pytest.fixture
+def fake_run(tmp_path_factory) -> Path:
+    """A run directory written by hand in the trainer's layout (tests/test_export_verify.py)."""
+    return make_run(tmp_path_factory.mktemp("fake"), run_tokenizer(), steps=(1,))
+
+
+def test_existing_output_needs_overwrite_and_failures_leave_nothing(fake_run, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    err = _fails(capsys, "--checkpoint", runs["paragru"], "--out", out)
+    err = _fails(capsys, "--checkpoint", fake_run, "--out", out)
     assert "exists and is not empty" in err and "--overwrite" in err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    err = _fails(capsys, "--checkpoint", runs["paragru"], "--out", runs["paragru"].parent, "--overwrite")
+    err = _fails(capsys, "--checkpoint", fake_run, "--out", fake_run.parent, "--overwrite")
     assert "would replace the training run" in err
     from newtonlm.export import card
 
@@ -701,13 +789,13 @@ def test_existing_output_needs_overwrite_and_failures_leave_nothing(runs, tmp_pa
 
     monkeypatch.setattr(card, "model_card", broken_card)
     with pytest.raises(RuntimeError, match="disk full"):
-        _export("--checkpoint", runs["paragru"], "--out", tmp_path / "new")
+        _export("--checkpoint", fake_run, "--out", tmp_path / "new")
     with pytest.raises(RuntimeError, match="disk full"):
-        _export("--checkpoint", runs["paragru"], "--out", out, "--overwrite")
+        _export("--checkpoint", fake_run, "--out", out, "--overwrite")
     assert not (tmp_path / "new").exists() and [p.name for p in out.iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no hidden temporary folder left
     monkeypatch.undo()
-    assert _export("--checkpoint", runs["paragru"], "--out", out, "--overwrite") == 0
+    assert _export("--checkpoint", fake_run, "--out", out, "--overwrite") == 0
     assert "keep.txt" not in {p.name for p in out.iterdir()} and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -735,10 +823,10 @@ class FakeHub:
         return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/abc")
 
 
-def test_push_to_hub_uploads_the_folder_and_never_the_token(runs, tmp_path, capsys, monkeypatch):
+def test_push_to_hub_uploads_the_folder_and_never_the_token(fake_run, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     hub = FakeHub(tmp_path / "hub")
-    args = ["--checkpoint", runs["paragru"], "--out", tmp_path / "out", "--push-to-hub", "me/tiny-paragru",
+    args = ["--checkpoint", fake_run, "--out", tmp_path / "out", "--push-to-hub", "me/tiny-paragru",
             "--private", "--revision", "dev", "--commit-message", "first upload"]
     assert ex.main([str(a) for a in args], hub_api=hub) == 0
     model = {"repo_type": "model"}
@@ -756,10 +844,10 @@ def test_push_to_hub_uploads_the_folder_and_never_the_token(runs, tmp_path, caps
         assert TOKEN not in text
 
 
-def test_push_errors_are_clear(runs, tmp_path, capsys, monkeypatch):
+def test_push_errors_are_clear(fake_run, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no saved login there
-    args = ["--checkpoint", runs["paragru"], "--out", tmp_path / "out"]
+    args = ["--checkpoint", fake_run, "--out", tmp_path / "out"]
     err = _fails(capsys, *args, "--push-to-hub", "me/tiny")
     assert "no Hugging Face login" in err and not (tmp_path / "out").exists()
     monkeypatch.setenv("HF_TOKEN", TOKEN)

@@ -83,6 +83,27 @@ def write_task(out_dir: str | Path, data_overrides: list[str] = (), split: str =
     return name
 
 
+def check_hf_model_args(model_args: str | None) -> None:
+    """For lm_eval's own loading (``"hf"``): when ``pretrained=`` names a local folder, check it as
+    ``load_for_eval`` does before lm_eval loads it: its weight files open, and its tokenizer's ids fit
+    the config's ``vocab_size`` (errors name the file and both sizes). Hub ids are left to lm_eval."""
+    from newtonlm.export import check_vocabulary, check_weight_files
+
+    args = dict(part.split("=", 1) for part in (model_args or "").split(",") if "=" in part)
+    folder = Path(args.get("pretrained", "").strip())
+    if not (str(folder) and (folder / "config.json").is_file()):
+        return
+    check_weight_files(folder)
+    rows = json.loads((folder / "config.json").read_text()).get("vocab_size")
+    tokenizer_at = Path(args.get("tokenizer", "").strip() or folder)
+    if isinstance(rows, int) and tokenizer_at.is_dir():
+        from transformers import AutoTokenizer
+
+        import newtonlm.models  # noqa: F401  (registers the ParaRNN model types AutoTokenizer reads)
+
+        check_vocabulary(AutoTokenizer.from_pretrained(str(tokenizer_at)), rows, tokenizer_at, folder)
+
+
 def run_lm_eval(model, tasks: list[str], tasks_dir: str | Path, limit: int | None = None,
                 batch_size: int = 1, model_args: str | None = None, device: str = "cpu",
                 builtin_tasks: bool = False) -> dict:
@@ -90,10 +111,18 @@ def run_lm_eval(model, tasks: list[str], tasks_dir: str | Path, limit: int | Non
     ``{task: {metric: value}}``. ``model``: a ``LoadedModel`` (evaluated through ``HFLM`` on the
     instance), or the string "hf" with ``model_args`` (lm_eval's own loading, as its CLI).
     ``builtin_tasks``: also index lm_eval's own task configs (all of them: slow, see docs/eval.md;
-    off: only ``tasks_dir``)."""
+    off: only ``tasks_dir``). The model's tokenizer is checked against its embedding first
+    (:func:`check_hf_model_args` for ``"hf"``)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    from newtonlm.export import check_vocabulary, embedding_rows
+
+    if model == "hf":
+        check_hf_model_args(model_args)
+    else:  # ids beyond the embedding would fail deep in nn.Embedding ("index out of range in self")
+        check_vocabulary(model.tokenizer, embedding_rows(model.model), f"{model.source} (tokenizer)",
+                         model.source)
     manager = TaskManager(include_path=str(tasks_dir), include_defaults=builtin_tasks)
     missing = [t for t in tasks if t not in manager.all_tasks]
     if missing:
@@ -149,10 +178,13 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"overrides {overrides} apply to write-task only")
         tasks = args.tasks or sorted(f.stem for f in Path(args.tasks_dir).glob("newtonlm_*.yaml"))
         loaded = load_for_eval(args.model, step=args.step, context=args.context, device=args.device)
+        for note in loaded.notes:
+            print(f"note: {note}", file=sys.stderr, flush=True)
         results = run_lm_eval(loaded, tasks, args.tasks_dir, args.limit, args.batch_size, device=args.device,
                               builtin_tasks=args.builtin_tasks)
-    except ValueError as err:
-        p.error(str(err))
+    except ValueError as err:  # a problem the user can fix (ExportError, DataError ...): one line, exit 2
+        print(f"newtonlm harness: error: {' '.join(str(err).splitlines())}", file=sys.stderr)
+        sys.exit(2)
     if args.json:
         print(json.dumps(results, indent=1))
         return

@@ -8,16 +8,30 @@
   tokenizer files; loaded with ``AutoModelForCausalLM`` (newtonlm's model types are registered by
   importing ``newtonlm.models``, so no remote code is needed here). Its context length is the config's
   ``max_position_embeddings`` unless the caller gives one.
+
+Checked before anything is evaluated (errors are ``ValueError``s naming the file and both values):
+a run's checkpoint against its manifest and its ``tokenizer/`` against the fingerprint recorded at
+the save (through ``newtonlm.export``); a folder's ``*.safetensors`` files open (a truncated one is
+named); every id the tokenizer can produce has a row in the model's embedding. What could not be
+checked (old checkpoints) is listed in ``LoadedModel.notes``. The libraries' progress bars and
+DeepSpeed's accelerator warning are kept off the console (``newtonlm.export.quiet``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from newtonlm.export import is_run_dir
+from newtonlm.export import (
+    check_vocabulary,
+    check_weight_files,
+    embedding_rows,
+    is_run_dir,
+    known_accelerator,
+    no_transformers_bars,
+)
 
 RECURRENT_TYPES = ("paragru", "paralstm", "pararnn", "mamba2")
 
@@ -28,7 +42,8 @@ class LoadedModel:
 
     ``context``: the sequence length the model was trained on (run directory) or its config's
     ``max_position_embeddings`` (Hugging Face folder); ``recurrent``: it carries a fixed-size state
-    (ParaRNN, Mamba2) rather than attending to a window; ``source``: the path and checkpoint tag.
+    (ParaRNN, Mamba2) rather than attending to a window; ``source``: the path and checkpoint tag;
+    ``notes``: what could not be verified (for the user).
     """
 
     model: torch.nn.Module
@@ -37,18 +52,40 @@ class LoadedModel:
     context: int
     recurrent: bool
     source: str
+    notes: list[str] = field(default_factory=list)
 
 
-def load_run(run_dir: Path, step: int | None = None) -> tuple[torch.nn.Module, object, str, int, str]:
-    """(model, tokenizer, arch, training seq_len, checkpoint tag) of a run directory, fp32 weights.
-    The checkpoint is read, consolidated and loaded by the export's code
-    (``newtonlm.export.read_checkpoint``, ``read_tokenizer``, ``build_exported_model``)."""
+def load_run(run_dir: Path, step: int | None = None
+             ) -> tuple[torch.nn.Module, object, str, int, str, list[str]]:
+    """(model, tokenizer, arch, training seq_len, checkpoint tag, notes) of a run directory, fp32
+    weights. The checkpoint is verified, read, consolidated, paired with the run's tokenizer and loaded
+    by the export's code (``newtonlm.export.read_checkpoint``, ``read_tokenizer``,
+    ``build_exported_model``)."""
     from newtonlm.export import build_exported_model, read_checkpoint, read_tokenizer
 
     ckpt = read_checkpoint(run_dir, step)
     tokenizer = read_tokenizer(ckpt.run_dir)
     model, _ = build_exported_model(ckpt, tokenizer, "fp32")
-    return model, tokenizer, ckpt.arch, int(ckpt.config["train"]["seq_len"]), ckpt.tag
+    return model, tokenizer, ckpt.arch, int(ckpt.config["train"]["seq_len"]), ckpt.tag, ckpt.notes
+
+
+def load_folder(path: Path) -> tuple[torch.nn.Module, object]:
+    """(model, tokenizer) of a Hugging Face folder, fp32, its weight files and vocabulary checked."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import newtonlm.models  # noqa: F401  (registers the ParaRNN model types)
+
+    check_weight_files(path)
+    with no_transformers_bars():
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        except SafetensorError as err:  # damage check_weight_files cannot see (e.g. shards in a subfolder)
+            raise ValueError(f"cannot read the weights of {path}: SafetensorError: {err}; the folder's "
+                             "weight files are truncated or damaged: copy or export it again") from err
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    check_vocabulary(tokenizer, embedding_rows(model), path, path)
+    return model, tokenizer
 
 
 def load_for_eval(path: str | Path, step: int | None = None, context: int | None = None,
@@ -60,19 +97,16 @@ def load_for_eval(path: str | Path, step: int | None = None, context: int | None
     path = Path(path)
     if context is not None and context < 1:
         raise ValueError(f"context={context}; expected a positive number of tokens")
+    known_accelerator()  # if a library imports DeepSpeed: no accelerator guess (and no warning)
+    notes = []
     if is_run_dir(path):
-        model, tokenizer, arch, seq_len, tag = load_run(path, step)
+        model, tokenizer, arch, seq_len, tag, notes = load_run(path, step)
         source = f"{path} ({tag})"
     elif (path / "config.json").is_file():
         if step is not None:
             raise ValueError(f"step={step} given for the Hugging Face folder {path}; steps select "
                              "checkpoints of a run directory")
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        import newtonlm.models  # noqa: F401  (registers the ParaRNN model types)
-
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model, tokenizer = load_folder(path)
         arch = model.config.model_type
         seq_len = int(getattr(model.config, "max_position_embeddings", 0) or 0)
         if seq_len <= 0 and context is None:
@@ -85,4 +119,4 @@ def load_for_eval(path: str | Path, step: int | None = None, context: int | None
         raise ValueError(f"the tokenizer of {path} has no EOS token; documents need a separator")
     model = model.to(device=device, dtype=dtype).eval()
     recurrent = model.config.model_type in RECURRENT_TYPES
-    return LoadedModel(model, tokenizer, arch, context or seq_len, recurrent, source)
+    return LoadedModel(model, tokenizer, arch, context or seq_len, recurrent, source, notes)

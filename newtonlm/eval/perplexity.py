@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from newtonlm.export import check_vocabulary, embedding_rows
+
 from .corpus import TokenStream, split_documents, token_stream, windows
 from .loading import LoadedModel, is_run_dir, load_for_eval
 from .scoring import token_nll
@@ -73,6 +75,9 @@ def evaluate_stream(loaded: LoadedModel, stream: TokenStream, eval_len: int, bat
         raise ValueError(f"eval_len={eval_len}, batch_size={batch_size}; expected positive integers")
     if attention not in ("window", "full"):
         raise ValueError(f"attention={attention!r}; expected 'window' or 'full'")
+    # ids beyond the embedding would fail deep in nn.Embedding ("index out of range in self")
+    check_vocabulary(loaded.tokenizer, embedding_rows(loaded.model), f"{loaded.source} (tokenizer)",
+                     loaded.source)
     chunk = chunk or loaded.context
     strategy = "recurrent" if loaded.recurrent else attention
     device = next(loaded.model.parameters()).device
@@ -188,6 +193,8 @@ def run(model: str | Path, overrides: list[str] = (), split: str = "val", eval_l
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     say(f"loading {path} on {device}")
     loaded = load_for_eval(path, step=step, context=context, device=device, dtype=dtypes[dtype])
+    for note in loaded.notes:  # what could not be verified (old checkpoints): shown even with --quiet
+        print(f"note: {note}", file=sys.stderr, flush=True)
     if eval_len is None:
         if not eval_factor > 0:
             raise ValueError(f"eval_factor={eval_factor}; expected a positive number")
@@ -229,8 +236,9 @@ def main(argv: list[str] | None = None) -> None:
         result = run(args.model, overrides, args.split, args.eval_len, args.eval_factor, args.batch_size,
                      args.max_tokens, args.step, args.context, args.attention, args.chunk, args.stride,
                      args.device, args.dtype, progress=not args.quiet)
-    except ValueError as err:
-        p.error(str(err))
+    except ValueError as err:  # a problem the user can fix (ExportError, DataError ...): one line, exit 2
+        print(f"newtonlm perplexity: error: {' '.join(str(err).splitlines())}", file=sys.stderr)
+        sys.exit(2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))

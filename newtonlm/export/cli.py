@@ -38,8 +38,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, hub_api=None) -> int:
-    """The command line; returns the exit status (2 for an :class:`ExportError`). ``hub_api`` replaces
-    ``HfApi()`` (tests)."""
+    """The command line; returns the exit status (2 for an :class:`ExportError`, printed as one line
+    on stderr; notes on what could not be verified go to stderr too). ``hub_api`` replaces ``HfApi()``
+    (tests)."""
     parser = _parser()
     args = parser.parse_args(argv)
     if args.push_to_hub is None and (args.private or args.revision or args.commit_message):
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None, hub_api=None) -> int:
             check_hub_access(args.push_to_hub)
         result = export_checkpoint(args.checkpoint, args.out, step=args.step, dtype=args.dtype,
                                    overwrite=args.overwrite, repo_id=args.push_to_hub)
+        for note in result.notes:
+            print(f"newtonlm export: note: {note}", file=sys.stderr)
         print(f"exported {result.arch} step {result.step} ({result.tokens_seen:,} tokens, "
               f"{result.parameters['total']:,} parameters, {args.dtype}) to {result.out}: "
               f"{', '.join(result.files)}")
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None, hub_api=None) -> int:
             url = push_to_hub(result.out, args.push_to_hub, private=args.private, revision=args.revision,
                               commit_message=message, api=hub_api)
             print(f"uploaded to {args.push_to_hub}: {url}")
-    except ExportError as err:
-        print(f"newtonlm export: error: {err}", file=sys.stderr)
+    except ExportError as err:  # one line: a library's message inside ours may hold line breaks
+        print(f"newtonlm export: error: {' '.join(str(err).splitlines())}", file=sys.stderr)
         return 2
     return 0

@@ -1,11 +1,13 @@
 """Write a training checkpoint as a Hugging Face model folder.
 
-Steps: read and consolidate the checkpoint (``source``: newest complete one or ``step``, any ZeRO
-stage, DeepSpeed's own ``zero_to_fp32``) -> load it into a model built from the config saved in the
-checkpoint -> ``save_pretrained`` (``config.json``, ``model.safetensors``, ``generation_config.json``;
-for ParaGRU / ParaLSTM ``auto_map`` and the self-contained modeling code, ``bundle``) -> the run's
-tokenizer -> the model card ``README.md`` (``card``). Everything is written to a hidden folder next to
-the output and renamed into place at the end: an error leaves nothing at the output path.
+Steps: verify, read and consolidate the checkpoint (``source``: newest complete one or ``step``, its
+manifest, any ZeRO stage, DeepSpeed's own ``zero_to_fp32``) -> check the run's tokenizer against it
+(the fingerprint recorded at the save, the embedding's rows: ``source.check_tokenizer``, ``checks``)
+-> load it into a model built from the config saved in the checkpoint -> ``save_pretrained``
+(``config.json``, ``model.safetensors``, ``generation_config.json``; for ParaGRU / ParaLSTM
+``auto_map`` and the self-contained modeling code, ``bundle``) -> the run's tokenizer -> the model
+card ``README.md`` (``card``). Everything is written to a hidden folder next to the output and
+renamed into place at the end: an error leaves nothing at the output path.
 """
 
 from __future__ import annotations
@@ -14,14 +16,16 @@ import contextlib
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import card
 from .bundle import make_self_contained
-from .source import Checkpoint, ExportError, read_checkpoint, read_tokenizer
+from .checks import check_vocabulary, token_ids_needed
+from .quiet import known_accelerator, no_transformers_bars
+from .source import TOKENIZER_DIR, Checkpoint, ExportError, check_tokenizer, read_checkpoint, read_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -29,7 +33,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 @dataclass
 class ExportResult:
     """What was written: the folder, the checkpoint's architecture, step and tokens seen, the parameter
-    counts (``count_parameters``) and the file names."""
+    counts (``count_parameters``), the file names, and notes on what could not be verified (an old
+    checkpoint without a manifest or a tokenizer fingerprint)."""
 
     out: Path
     arch: str
@@ -37,6 +42,7 @@ class ExportResult:
     tokens_seen: int
     parameters: dict
     files: list[str]
+    notes: list[str] = field(default_factory=list)
 
 
 def check_output(out: Path, overwrite: bool) -> None:
@@ -118,18 +124,44 @@ def _auto_classes(model):
                 del cls._auto_class
 
 
+def _checkpoint_embedding_rows(ckpt: Checkpoint) -> int | None:
+    """Rows of the input embedding in ``ckpt``'s weights (its name from the model class, built on the
+    meta device: no memory), or None if the weights lack it (then ``load_state_dict`` reports it)."""
+    from newtonlm.models import build_model
+
+    with torch.device("meta"):
+        probe = build_model(ckpt.config["model"], 64)
+    weight = probe.get_input_embeddings().weight
+    names = [n for n, p in probe.named_parameters(remove_duplicate=False) if p is weight]
+    found = [ckpt.state_dict[n] for n in names if n in ckpt.state_dict]
+    return int(found[0].shape[0]) if found else None
+
+
 def build_exported_model(ckpt: Checkpoint, tokenizer, dtype: str):
-    """The model of ``ckpt``'s config with its weights, special-token ids from the tokenizer, in ``dtype``."""
+    """The model of ``ckpt``'s config with its weights, special-token ids from the tokenizer, in
+    ``dtype``. Refuses a tokenizer that is not the checkpoint's: another fingerprint than the one
+    recorded at the save, ids beyond the embedding, or another vocabulary size."""
     from transformers import GenerationConfig
 
     from newtonlm.data import vocab_size_for_model
     from newtonlm.models import build_model
 
+    where = ckpt.run_dir / TOKENIZER_DIR
+    check_tokenizer(ckpt, tokenizer, where)
     vocab = vocab_size_for_model(tokenizer)
     try:
+        rows = _checkpoint_embedding_rows(ckpt)
         model = build_model(ckpt.config["model"], vocab)
     except ValueError as err:  # e.g. a preset field this version of newtonlm no longer knows
         raise ExportError(f"the model config saved in {ckpt.path} is not accepted: {err}") from err
+    if rows is not None:
+        check_vocabulary(tokenizer, rows, where, ckpt.path)
+        if rows != vocab:  # the trainer sizes the embedding as vocab_size_for_model(its tokenizer)
+            raise ExportError(
+                f"the tokenizer at {where} gives a vocabulary of {vocab} (max token id + 1 = "
+                f"{token_ids_needed(tokenizer)}, rounded up to 64), but the embedding of checkpoint "
+                f"{ckpt.path} has {rows} rows: this tokenizer is not the one the model was trained with (a "
+                "swapped or retrained tokenizer folder). Put the run's original tokenizer back")
     try:
         model.load_state_dict(ckpt.state_dict, strict=True)
     except RuntimeError as err:
@@ -152,6 +184,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, step: int | No
 
     if dtype not in DTYPES:
         raise ExportError(f"dtype={dtype!r}; expected one of {list(DTYPES)}")
+    known_accelerator()  # save_pretrained imports DeepSpeed (through accelerate): no accelerator guess
     out = Path(out)
     check_output(out, overwrite)
     ckpt = read_checkpoint(checkpoint, step)
@@ -159,7 +192,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, step: int | No
     tokenizer = read_tokenizer(ckpt.run_dir)
     model, vocab = build_exported_model(ckpt, tokenizer, dtype)
     params = count_parameters(model)
-    with staged_folder(out) as tmp:
+    with staged_folder(out) as tmp, no_transformers_bars():
         if ckpt.arch in card.REMOTE_CODE:
             with _auto_classes(model):
                 model.save_pretrained(tmp)
@@ -171,4 +204,4 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, step: int | No
         (tmp / "README.md").write_text(text, encoding="utf-8")
         files = sorted(p.name for p in tmp.iterdir())
     return ExportResult(out=out, arch=ckpt.arch, step=ckpt.step, tokens_seen=ckpt.tokens_seen,
-                        parameters=params, files=files)
+                        parameters=params, files=files, notes=ckpt.notes)

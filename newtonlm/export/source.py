@@ -15,16 +15,25 @@ weights to one fp32 state dict:
 * ZeRO stages 1-3 (any world size): DeepSpeed's own ``zero_to_fp32`` merges the fp32 master weights
   of every rank's ``*_optim_states.pt`` shard (tied weights come back as DeepSpeed's shared params).
 
+Before anything is loaded, the checkpoint is verified against its manifest: the ``COMPLETE`` marker
+(format 2) lists every file DeepSpeed wrote with its size and, when the trainer computed it, its
+crc32 (:func:`read_manifest`, :func:`verify_files`). A marker of format 1 (``{"step", "time"}``,
+written before manifests) is accepted unverified, with a note (``Checkpoint.notes``). Without
+``step``, a corrupt newest checkpoint is an error naming the file and the newest intact checkpoint
+to export instead with ``--step``: never a silent fall-back to an older one.
+
 Every problem a user can meet (no such run, no complete checkpoint, a partial one with files missing,
-an unreadable/truncated file, NaN weights) raises :class:`ExportError` naming the path and what was
-expected. The checkpoint files are pickles (DeepSpeed's format): read only checkpoints you trust.
+a file of the wrong size or checksum, an unreadable/truncated file, NaN weights, a ``tokenizer/``
+that is not the one the checkpoint was trained with) raises :class:`ExportError` naming the path and
+what was expected. The checkpoint files are pickles (DeepSpeed's format): read only checkpoints you
+trust.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 import re
-import sys
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +46,8 @@ TAG = re.compile(r"^step_(\d{8})$")
 CLIENT_KEYS = ("step", "tokens_seen", "config")
 CONFIG_FILE = "config.yaml"
 TOKENIZER_DIR = "tokenizer"
+MANIFEST_FORMAT = 2  # the COMPLETE marker as a manifest of the files (format 1: {"step", "time"} only)
+FINGERPRINT = "tokenizer_fingerprint"  # key in the manifest and the client state
 
 
 def tag_for(step: int) -> str:
@@ -69,6 +80,98 @@ class ExportError(ValueError):
     """A problem with the checkpoint or the output folder that the user can fix; the message says how."""
 
 
+class CorruptCheckpoint(ExportError):
+    """A checkpoint whose files are damaged or missing (the message names them); completed by
+    :func:`read_checkpoint` with which other checkpoint to export."""
+
+
+# ---------------------------------------------------------------- the manifest (COMPLETE marker)
+
+CRC_CHUNK = 1 << 24  # bytes per read while checksumming (16 MiB)
+
+
+def read_manifest(tag_dir: Path) -> dict | None:
+    """The manifest in ``tag_dir``'s ``COMPLETE`` marker: ``{"format": 2, "step", "world_size",
+    "tokenizer_fingerprint", "config", "files": {relative path: {"size": int, "crc32": 8 hex digits or
+    None}}}`` as the trainer writes it (``newtonlm/training/checkpoint.py``); ``None`` for a marker
+    of format 1 (written before manifests: ``{"step", "time"}``, or not JSON at all), which is
+    accepted unverified. A manifest of another format, or with malformed entries, is an error."""
+    marker = Path(tag_dir) / MARKER
+    try:
+        data = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None  # an old marker (format 1 was never more than a flag); the loaders still check the files
+    if not isinstance(data, dict) or data.get("format", 1) == 1:
+        return None
+    if data["format"] != MANIFEST_FORMAT:
+        raise ExportError(f"{marker} is a manifest of format {data['format']!r}; this newtonlm reads "
+                          f"formats 1 and {MANIFEST_FORMAT}: use the newtonlm version that trained the run")
+    files = data.get("files")
+    bad = None
+    if not isinstance(files, dict) or not files:
+        bad = f"'files' is {files!r}; expected a non-empty mapping of file names to sizes"
+    else:
+        for name, entry in files.items():
+            rel = Path(name)
+            crc = entry.get("crc32") if isinstance(entry, dict) else None
+            if rel.is_absolute() or ".." in rel.parts or not isinstance(entry, dict) or \
+                    not isinstance(entry.get("size"), int) or isinstance(entry.get("size"), bool) or \
+                    not (crc is None or (isinstance(crc, str) and re.fullmatch(r"[0-9a-f]{8}", crc))):
+                bad = (f"entry {name!r}: {entry!r}; expected a path inside the folder with "
+                       '{"size": int, "crc32": 8 lowercase hex digits or null}')
+                break
+    if bad:
+        raise ExportError(f"the manifest {marker} is malformed ({bad}); the checkpoint cannot be verified")
+    return data
+
+
+def file_crc32(path: Path) -> str:
+    """zlib.crc32 of the whole file, streamed, as 8 lowercase hex digits (the manifest's form)."""
+    crc = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CRC_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def verify_files(tag_dir: Path, manifest: dict) -> None:
+    """Check that every file the manifest lists exists in ``tag_dir`` with its size, and its crc32
+    where one is given (sizes of all files first: a cheap check before reading any file whole).
+    Raises :class:`ExportError` naming each bad file with the expected and the found value."""
+    tag_dir = Path(tag_dir)
+    problems = []
+    sized = []
+    for name, entry in sorted(manifest["files"].items()):
+        file = tag_dir / name
+        if not file.is_file():
+            problems.append(f"{file} is missing (expected {entry['size']:,} bytes)")
+        elif (size := file.stat().st_size) != entry["size"]:
+            how = "truncated" if size < entry["size"] else "overwritten or appended to"
+            problems.append(f"{file} has {size:,} bytes, the manifest records {entry['size']:,} ({how})")
+        else:
+            sized.append((file, entry))
+    if not problems:
+        for file, entry in sized:
+            if entry.get("crc32") and (crc := file_crc32(file)) != entry["crc32"]:
+                problems.append(f"{file} has crc32 {crc}, the manifest records {entry['crc32']} (its "
+                                "bytes changed after the save)")
+    if problems:
+        raise CorruptCheckpoint(f"checkpoint {tag_dir} is corrupt: " + "; ".join(problems))
+
+
+def intact(tag_dir: Path) -> bool | None:
+    """Whether the checkpoint in ``tag_dir`` passes :func:`verify_files`; ``None`` when it cannot
+    be told (a format-1 marker: no manifest)."""
+    try:
+        manifest = read_manifest(tag_dir)
+        if manifest is None:
+            return None
+        verify_files(tag_dir, manifest)
+    except ExportError:
+        return False
+    return True
+
+
 @dataclass
 class Checkpoint:
     """One training checkpoint, consolidated. ``config`` is the resolved training config saved in it
@@ -82,6 +185,8 @@ class Checkpoint:
     world_size: int
     config: dict
     state_dict: dict[str, torch.Tensor] = field(repr=False)
+    tokenizer_fingerprint: str | None = None  # of the tokenizer it was trained with (None: not recorded)
+    notes: list[str] = field(default_factory=list)  # what could not be checked (old formats), for the user
 
     @property
     def path(self) -> Path:
@@ -99,6 +204,12 @@ def _steps(tags: list[tuple[int, str]]) -> str:
 def locate(path: str | Path, step: int | None = None) -> tuple[Path, str]:
     """(run directory, checkpoint tag) of the checkpoint to export; the newest complete one unless
     ``step`` (or a ``checkpoints/step_NNNNNNNN`` folder as ``path``) chooses one."""
+    run_dir, tag, _ = _locate(path, step)
+    return run_dir, tag
+
+
+def _locate(path: str | Path, step: int | None) -> tuple[Path, str, bool]:
+    """:func:`locate`, and whether the tag was chosen here (True) or by the caller (False)."""
     path = Path(path)
     if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
         raise ExportError(f"step={step!r}; expected an integer >= 0 (a checkpoint's optimizer step)")
@@ -125,22 +236,22 @@ def locate(path: str | Path, step: int | None = None) -> tuple[Path, str]:
             detail = (f"only incomplete ones (no {MARKER} marker: the save did not finish): {found}"
                       if found else "none at all")
             raise ExportError(f"no complete checkpoint in {root} ({detail})")
-        return run_dir, complete[-1][1]
+        return run_dir, complete[-1][1], True
     if not (root / chosen).is_dir():
         raise ExportError(f"no checkpoint {chosen} in {root}; complete checkpoints are at steps "
                           f"{_steps(complete)}")
     if not (root / chosen / MARKER).is_file():
         raise ExportError(f"checkpoint {root / chosen} is partial (no {MARKER} marker: the save did "
                           f"not finish); complete checkpoints are at steps {_steps(complete)}")
-    return run_dir, chosen
+    return run_dir, chosen, False
 
 
 def _torch_load(file: Path, mmap: bool = False):
     try:
         return torch.load(file, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as err:  # truncated zip, bad pickle, EOF ...: all mean "this file is damaged"
-        raise ExportError(f"cannot read {file}: {type(err).__name__}: {err}; the checkpoint file is "
-                          "corrupt or truncated (export another step with --step)") from err
+        raise CorruptCheckpoint(f"cannot read {file}: {type(err).__name__}: {err}; the checkpoint file is "
+                                "corrupt or truncated") from err
 
 
 def _model_state_files(zero_stage: int, world_size: int) -> list[str]:
@@ -158,8 +269,8 @@ def _read_client_state(tag_dir: Path) -> dict:
                   ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")]
     file = next((f for f in candidates if f.is_file()), None)
     if file is None:
-        raise ExportError(f"checkpoint {tag_dir} has no DeepSpeed model-states file (expected one of "
-                          f"{[f.name for f in candidates]}); the checkpoint is partial")
+        raise CorruptCheckpoint(f"checkpoint {tag_dir} has no DeepSpeed model-states file (expected one of "
+                                f"{[f.name for f in candidates]}); the checkpoint is partial")
     state = _torch_load(file, mmap=True)  # weights stay on disk until used (large models)
     missing = [k for k in (*CLIENT_KEYS, "module") if k not in state]
     if missing or not isinstance(state.get("config"), dict) or "model" not in state["config"]:
@@ -169,14 +280,17 @@ def _read_client_state(tag_dir: Path) -> dict:
 
 
 def _zero_state_dict(ckpt_root: Path, tag: str) -> dict[str, torch.Tensor]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from .quiet import quiet_zero_to_fp32
 
-    try:  # DeepSpeed reports its progress on stdout; keep stdout for the export's own summary
-        with contextlib.redirect_stdout(sys.stderr):
-            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root), tag=tag)
-    except Exception as err:  # DeepSpeed raises ValueError, FileNotFoundError, KeyError ...
-        raise ExportError(f"DeepSpeed could not consolidate the ZeRO shards of {ckpt_root / tag}: "
-                          f"{type(err).__name__}: {err}; the checkpoint is partial or corrupt") from err
+    with quiet_zero_to_fp32() as (zero_to_fp32, printed):  # its prints and bars are not for the user
+        try:
+            return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root), tag=tag)
+        except Exception as err:  # DeepSpeed raises ValueError, FileNotFoundError, KeyError ...
+            said = printed.getvalue().strip().splitlines()
+            last = f" (its last output: {said[-1].strip()!r})" if said else ""
+            raise CorruptCheckpoint(f"DeepSpeed could not consolidate the ZeRO shards of {ckpt_root / tag}: "
+                                    f"{type(err).__name__}: {err}{last}; the checkpoint is partial or "
+                                    "corrupt") from err
 
 
 def consolidate(tag_dir: Path, state: dict) -> tuple[dict[str, torch.Tensor], int, int]:
@@ -189,8 +303,8 @@ def consolidate(tag_dir: Path, state: dict) -> tuple[dict[str, torch.Tensor], in
     if zero_stage > 0 and len(optim) != world_size:
         missing.append(f"{world_size} *_optim_states.pt shards (found {len(optim)})")
     if missing:
-        raise ExportError(f"checkpoint {tag_dir} (ZeRO stage {zero_stage}, world size {world_size}) is "
-                          f"partial: missing {missing}")
+        raise CorruptCheckpoint(f"checkpoint {tag_dir} (ZeRO stage {zero_stage}, world size {world_size}) "
+                                f"is partial: missing {missing}")
     if optim:  # fp32 master weights live in the optimizer shards (ZeRO 1-3, or bf16 weights)
         for f in optim:  # a damaged shard gives a clear error before DeepSpeed's own parsing
             _torch_load(f, mmap=True)
@@ -200,20 +314,73 @@ def consolidate(tag_dir: Path, state: dict) -> tuple[dict[str, torch.Tensor], in
     sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
     for name, t in sd.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise ExportError(f"checkpoint {tag_dir}: parameter {name} holds non-finite values (NaN or "
-                              "Inf); export an earlier step with --step")
+            raise CorruptCheckpoint(f"checkpoint {tag_dir}: parameter {name} holds non-finite values (NaN "
+                                    "or Inf)")
     return sd, zero_stage, world_size
 
 
+def _instead(root: Path, tag: str, automatic: bool) -> str:
+    """What to export instead of the damaged checkpoint ``tag``: with the tag chosen automatically,
+    the newest older checkpoint that passes verification (named, never taken silently)."""
+    step = int(TAG.match(tag).group(1))
+    older = [(s, t) for s, t in complete_checkpoints(root) if s < step]
+    if not automatic:
+        others = [(s, t) for s, t in complete_checkpoints(root) if s != step]
+        return f"complete checkpoints at other steps: {_steps(others)}; export one of them with --step N"
+    head = (f"{tag} is the newest complete checkpoint; export does not fall back to an older one on its "
+            "own")
+    for s, t in reversed(older):
+        ok = intact(root / t)
+        if ok:
+            return f"{head}: the newest intact checkpoint is {t}, export it with --step {s}"
+        if ok is None:
+            return (f"{head}: the previous complete checkpoint is {t} (written before checkpoint manifests, "
+                    f"so it cannot be verified without loading it): try --step {s}")
+    return f"{head}, and no older complete checkpoint is intact ({_steps(older)} checked)"
+
+
 def read_checkpoint(path: str | Path, step: int | None = None) -> Checkpoint:
-    """Locate (see :func:`locate`), validate and consolidate a training checkpoint."""
-    run_dir, tag = locate(path, step)
+    """Locate (see :func:`locate`), verify against the manifest, read and consolidate a training
+    checkpoint. A damaged checkpoint is an error naming the file and the checkpoint to export instead."""
+    run_dir, tag, automatic = _locate(path, step)
     tag_dir = run_dir / CHECKPOINTS / tag
-    state = _read_client_state(tag_dir)
-    sd, zero_stage, world_size = consolidate(tag_dir, state)
+    try:
+        manifest = read_manifest(tag_dir)
+        notes = []
+        if manifest is None:
+            notes.append(f"checkpoint {tag_dir} was written before checkpoint manifests (its {MARKER} "
+                         "marker lists no files): its files were not verified before loading")
+        else:
+            verify_files(tag_dir, manifest)
+        state = _read_client_state(tag_dir)
+        sd, zero_stage, world_size = consolidate(tag_dir, state)
+    except CorruptCheckpoint as err:
+        raise CorruptCheckpoint(f"{err}. {_instead(run_dir / CHECKPOINTS, tag, automatic)}") from err
+    fingerprint = state.get(FINGERPRINT) or (manifest or {}).get(FINGERPRINT)
     return Checkpoint(run_dir=run_dir, tag=tag, step=int(state["step"]),
                       tokens_seen=int(state["tokens_seen"]), zero_stage=zero_stage, world_size=world_size,
-                      config=state["config"], state_dict=sd)
+                      config=state["config"], state_dict=sd, tokenizer_fingerprint=fingerprint, notes=notes)
+
+
+def check_tokenizer(ckpt: Checkpoint, tokenizer, where: Path) -> None:
+    """Refuse a tokenizer that is not the one ``ckpt`` was trained with (its fingerprint, recorded at
+    the save, against ``newtonlm.data.tokenizer_fingerprint`` of ``tokenizer``, loaded from ``where``).
+    A checkpoint without a recorded fingerprint (older trainers) gets a note in ``ckpt.notes``."""
+    from newtonlm.data.tokenizer import tokenizer_fingerprint
+
+    if ckpt.tokenizer_fingerprint is None:
+        ckpt.notes.append(f"checkpoint {ckpt.path} records no tokenizer fingerprint (written by an older "
+                          f"trainer): {where} is assumed to be the tokenizer it was trained with (only "
+                          "its vocabulary size is checked)")
+        return
+    found = tokenizer_fingerprint(tokenizer)
+    if found != ckpt.tokenizer_fingerprint:
+        raise ExportError(
+            f"the tokenizer at {where} (fingerprint {found}) is not the one checkpoint {ckpt.path} was "
+            f"trained with (fingerprint {ckpt.tokenizer_fingerprint}): the run's tokenizer folder was "
+            "replaced or retrained after this save, and the weights would be paired with the wrong token "
+            f"ids. Put the run's original tokenizer back into {where} (the tokenizer that data.tokenizer "
+            "in the checkpoint's config describes), or export a checkpoint trained with this tokenizer")
 
 
 def read_run_config(run_dir: str | Path) -> dict:
