@@ -437,15 +437,22 @@ def run(cfg: DictConfig) -> dict:
 
 
 def finish(job: Job, counters: Counters, log: RunLog, status: str, exit_code: int) -> dict:
-    """A finished run: final validation and a text sample. Then the summary on stdout; a run stopped
-    by non-finite steps exits with its code."""
+    """A finished run: final validation and a text sample. Then the summary on stdout (what the
+    numbers mean, the commands to run next); a run stopped by non-finite steps exits with its code."""
+    hydra_cfg = HydraConfig.get()
     result = {"status": status, "step": counters.step, "tokens_seen": counters.tokens_seen,
               "run_dir": str(job.run_dir), "parameters": job.parameters, "peak_flops": job.peak_flops,
-              "peak_flops_source": job.peak_source}
+              "peak_flops_source": job.peak_source,
+              "vocab_size": int(job.engine.module.config.vocab_size),  # len(tokenizer) rounded up
+              "model_preset": hydra_cfg.runtime.choices.get("model"),
+              # the command line's overrides, to print the next commands with this run's settings
+              "overrides": [*hydra_cfg.overrides.task,
+                            *(o for o in hydra_cfg.overrides.hydra if o.startswith("hydra.run.dir="))]}
     if status == "finished":
         if job.val_loader is not None:
             result.update(validate(job, counters, log, final=True))
         if job.cfg.sample_tokens > 0:
+            result["sample_prompt"] = job.cfg.sample_prompt
             result["sample"] = sample_text(job.engine, job.tokenizer, job.cfg.sample_prompt,
                                            job.cfg.sample_tokens, job.dist.device, job.cfg.seed)
     log.close()
@@ -460,11 +467,70 @@ def finish(job: Job, counters: Counters, log: RunLog, status: str, exit_code: in
 
 
 def _report(result: dict) -> None:
-    lines = [f"status: {result['status']} at step {result['step']} "
-             f"({result['tokens_seen']:,} tokens), run dir {result['run_dir']}"]
+    """Print the end-of-run summary of ``result`` (:func:`finish`): status, validation, sample; for
+    a finished run what the numbers mean and the commands to run next, with this run's paths (each
+    line copy-pasteable; the comments are shell comments); for a preempted run how to continue."""
+    import json
+    import shlex
+
+    from ..models import ARCHS
+
+    def here(path: str) -> str:  # relative to the current directory when inside it: shorter to paste
+        rel = os.path.relpath(path)
+        return shlex.quote(path if rel.startswith("..") else rel)
+
+    python, run_dir = here(sys.executable), here(result["run_dir"])
+    overrides = list(result.get("overrides", []))
+    train_cmd = " ".join([python, "-m newtonlm.training.train", *map(shlex.quote, overrides)])
+    lines = [f"status: {result['status']} at step {result['step']} ({result['tokens_seen']:,} tokens), "
+             f"run dir {run_dir}"]
     if "val_loss" in result:
         lines.append(f"validation: loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.2f} "
                      f"({result['val_tokens']:,} tokens)")
     if "sample" in result:
         lines.append("sample:\n" + result["sample"])
+    if result["status"].startswith("preempted"):
+        lines.append(f"to continue from the checkpoint, run the same command again:\n  {train_cmd}")
+    if result["status"] != "finished":
+        print("\n".join(lines), flush=True)
+        return
+
+    vocab = result.get("vocab_size")
+    lines.append("what the numbers mean:")
+    if "val_loss" in result and vocab:
+        lines += [
+            f"  validation loss: the mean cross-entropy (nats per token) of predicting each next token of "
+            f"{result['val_tokens']:,} held-out tokens; perplexity = exp(loss): the model is as unsure as "
+            f"a uniform choice among {result['val_ppl']:,.0f} tokens (lower is better).",
+            f"  an untrained model is close to uniform over its {vocab:,}-token vocabulary: loss ln {vocab} "
+            f"= {math.log(vocab):.2f}, perplexity ~{vocab:,}."]
+    lines.append(f"  trained on {result['tokens_seen']:,} tokens in {result['step']} steps; "
+                 f"{result['parameters']['total']:,} parameters.")
+
+    out = here(str(Path("hf") / Path(result["run_dir"]).name))  # an export folder next to runs/
+    prompt = result.get("sample_prompt") or "ROMEO:"
+    load = (f"from transformers import AutoModelForCausalLM, AutoTokenizer; "
+            f"t = AutoTokenizer.from_pretrained({json.dumps(out)}); "
+            f"m = AutoModelForCausalLM.from_pretrained({json.dumps(out)}, trust_remote_code=True); "
+            f"ids = t({json.dumps(prompt)}, return_tensors=\"pt\").input_ids; "
+            f"print(t.decode(m.generate(ids, max_new_tokens=60, do_sample=True, top_k=40)[0]))")
+    lines += ["next (each line copy-pasteable):",
+              "  # perplexity on all held-out text, bits per byte, loss by position (docs/eval.md; longer "
+              "sequences than val_ppl's)",
+              f"  {python} -m newtonlm.eval.perplexity {run_dir}",
+              "  # export a Hugging Face folder that loads without newtonlm (docs/export.md)",
+              f"  {python} -m newtonlm.export --checkpoint {run_dir} --out {out}",
+              "  # load the export with plain transformers and generate",
+              f"  {python} -c {shlex.quote(load)}"]
+    preset = result.get("model_preset") or ""
+    arch, _, size = preset.rpartition("_")
+    if arch in ARCHS:
+        # the Transformer baseline first: the comparison a newcomer wants
+        others = [f"{a}_{size}" for a in sorted(ARCHS, key=lambda a: a != "llama") if a != arch]
+        again = [o for o in overrides if not o.startswith("model=")]
+        # a new run directory: the default one is named after the preset; an explicit one gets a suffix
+        again = [f"{o}-{others[0]}" if o.startswith("hydra.run.dir=") else o for o in again]
+        lines += [f"  # the same run with another architecture (or {', '.join(others[1:])})",
+                  "  " + " ".join([python, "-m newtonlm.training.train", f"model={others[0]}",
+                                   *map(shlex.quote, again)])]
     print("\n".join(lines), flush=True)
