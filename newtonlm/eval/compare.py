@@ -78,30 +78,77 @@ def run_overrides(cfg: CompareConfig, arch: str, size: str, run_dir: Path) -> li
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of ``run_dir/metrics.jsonl`` (empty if there is none yet); a line cut short by a
+    crash is skipped, as the trainer itself does on resume."""
     path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
 
 
 def finished(run_dir: Path) -> bool:
+    """The run's metrics hold its final validation (the trainer writes it last)."""
     return any(r.get("kind") == "val" and r.get("final") for r in read_metrics(run_dir))
 
 
+def trainer_env(threads: int) -> dict:
+    """Environment of the trainer subprocesses: this checkout first on PYTHONPATH, and
+    ``OMP_NUM_THREADS=threads`` (0: inherited). Also sets this process's torch threads (evaluation)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    if threads > 0:
+        env["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+    return env
+
+
+def run_trainer(cmd: list[str], run_dir: Path, env: dict, label: str,
+                pass_fds: tuple[int, ...] = ()) -> float:
+    """Run the trainer command ``cmd`` with stdout and stderr appended to ``run_dir/train.log`` (a
+    resumed run keeps the earlier attempts' output); returns seconds. A non-zero exit raises
+    RuntimeError with the log's tail. ``pass_fds``: descriptors the trainer inherits (the sweep's
+    run lock)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"[{label}] {shlex.join(cmd)}", flush=True)
+    t0 = time.perf_counter()
+    with open(run_dir / "train.log", "a") as log:
+        proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, pass_fds=pass_fds)
+    if proc.returncode != 0:
+        tail = (run_dir / "train.log").read_text()[-3000:]
+        raise RuntimeError(f"training {label} failed (exit {proc.returncode}); log "
+                           f"{run_dir / 'train.log'}:\n{tail}")
+    return time.perf_counter() - t0
+
+
 def train_run(cfg: CompareConfig, arch: str, size: str, run_dir: Path, env: dict) -> float:
-    """Run the trainer for one (arch, size), output to ``run_dir/train.log``; returns seconds.
-    With ``rerun`` an existing run starts over, else it resumes."""
+    """Run the trainer for one (arch, size); returns seconds. With ``rerun`` an existing run starts
+    over, else it resumes."""
     launcher = list(cfg.launcher) or [sys.executable, "-m", "newtonlm.training.train"]
     fresh = ["train.resume=none", "train.overwrite=true"] if cfg.rerun else []
     cmd = [*launcher, *run_overrides(cfg, arch, size, run_dir), *fresh]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    print(f"[compare] {arch} {size}: {shlex.join(cmd)}", flush=True)
-    t0 = time.perf_counter()
-    with open(run_dir / "train.log", "w") as log:
-        proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        tail = (run_dir / "train.log").read_text()[-3000:]
-        raise RuntimeError(f"training {arch} {size} failed (exit {proc.returncode}); log "
-                           f"{run_dir / 'train.log'}:\n{tail}")
-    return time.perf_counter() - t0
+    return run_trainer(cmd, run_dir, env, f"{arch} {size}")
+
+
+def evaluate_run(run_dir: Path, data: list[str], batch_size: int, max_tokens: int, factor: float) -> dict:
+    """The perplexity code on a run's held-out split (``data``: data overrides; empty: the run's own
+    data config), in sequences of the training length (``short``: perplexity, bits per byte) and of
+    ``factor`` times it (``long``: the per-position curve); ``max_tokens`` caps the targets (0: all).
+    Returns ``{"short", "long", "step"}`` and writes it to ``run_dir/eval.json`` (``step``: the run's
+    last training step, i.e. which checkpoint was scored)."""
+    common = dict(overrides=list(data), batch_size=batch_size, max_tokens=max_tokens or None)
+    short = perplexity(run_dir, eval_factor=1.0, **common)
+    long = perplexity(run_dir, eval_factor=factor, **common)
+    steps = [r["step"] for r in read_metrics(run_dir) if r.get("kind") == "train"]
+    result = {"short": short, "long": long, "step": steps[-1] if steps else None}
+    (run_dir / "eval.json").write_text(json.dumps(result))
+    return result
 
 
 def summarize(arch: str, size: str, run_dir: Path, short: dict, long: dict,
@@ -171,10 +218,7 @@ def compare(cfg: CompareConfig, command: str) -> list[dict]:
         raise ValueError("sizes is empty; expected at least one size (label: {preset, overrides})")
     if not cfg.eval_factor >= 1:
         raise ValueError(f"eval_factor={cfg.eval_factor}; expected >= 1 (a multiple of the training length)")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
-    if cfg.threads > 0:
-        env["OMP_NUM_THREADS"] = str(cfg.threads)
-        torch.set_num_threads(cfg.threads)
+    env = trainer_env(cfg.threads)
     runs_dir, out_dir = Path(cfg.runs_dir).resolve(), Path(cfg.out_dir).resolve()
     t0, load0, rows = time.perf_counter(), os.getloadavg()[0], []
     for size in cfg.sizes:
@@ -183,14 +227,11 @@ def compare(cfg: CompareConfig, command: str) -> list[dict]:
             seconds = None
             if cfg.rerun or not finished(run_dir):
                 seconds = train_run(cfg, arch, size, run_dir, env)
-            common = dict(overrides=cfg.eval_data, batch_size=cfg.eval_batch_size,
-                          max_tokens=cfg.eval_max_tokens or None)
-            short = perplexity(run_dir, eval_factor=1.0, **common)
-            long = perplexity(run_dir, eval_factor=cfg.eval_factor, **common)
-            (run_dir / "eval.json").write_text(json.dumps({"short": short, "long": long}))
-            rows.append(summarize(arch, size, run_dir, short, long, seconds))
-            print(f"[compare] {arch} {size}: val ppl {short['ppl']:.2f}, bits/byte "
-                  f"{short['bits_per_byte']:.4f}", flush=True)
+            ev = evaluate_run(run_dir, cfg.eval_data, cfg.eval_batch_size, cfg.eval_max_tokens,
+                              cfg.eval_factor)
+            rows.append(summarize(arch, size, run_dir, ev["short"], ev["long"], seconds))
+            print(f"[compare] {arch} {size}: val ppl {ev['short']['ppl']:.2f}, bits/byte "
+                  f"{ev['short']['bits_per_byte']:.4f}", flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     plots.write_all(rows, out_dir)
     (out_dir / "results.json").write_text(json.dumps(rows, indent=1))

@@ -2,8 +2,9 @@
 
 ``SizeConfig(preset="demo", overrides={"all": ["num_hidden_layers=2"], "mamba2": [...]})`` means
 ``configs/model/<arch>_demo.yaml`` with the ``all`` overrides, then the architecture's own. The
-comparison passes them to the trainer as ``model.<field>=<value>``; the synthetic suite builds the
-model in-process from :func:`model_fields`.
+comparison and the sweep pass them to the trainer as ``model.<field>=<value>``; the synthetic suite
+builds the model in-process from :func:`model_fields`; :func:`parameter_count` counts a size's
+parameters exactly without allocating it (the sweep's plan, the scaling reader).
 """
 
 from __future__ import annotations
@@ -37,3 +38,14 @@ def model_fields(size: SizeConfig, arch: str) -> dict:
     base = OmegaConf.create(load_preset(f"{arch}_{size.preset}"))
     merged = OmegaConf.merge(base, OmegaConf.from_dotlist(override_list(size, arch)))
     return OmegaConf.to_container(merged, resolve=True)
+
+
+def parameter_count(fields: dict, vocab_size: int) -> dict[str, int]:
+    """``{"total", "non_embedding"}`` of the model ``fields`` (a preset's fields, e.g.
+    :func:`model_fields`) at ``vocab_size``, built on the meta device (exact, no memory)."""
+    import torch
+
+    from newtonlm.models import build_model, count_parameters
+
+    with torch.device("meta"):
+        return count_parameters(build_model(fields, vocab_size))
