@@ -527,7 +527,8 @@ def _report(result: dict) -> None:
     if arch in ARCHS:
         # the Transformer baseline first: the comparison a newcomer wants
         others = [f"{a}_{size}" for a in sorted(ARCHS, key=lambda a: a != "llama") if a != arch]
-        again = [o for o in overrides if not o.startswith("model=")]
+        # model.* settings belong to this architecture's preset
+        again = [o for o in overrides if not o.lstrip("+~").startswith(("model=", "model."))]
         # a new run directory: the default one is named after the preset; an explicit one gets a suffix
         again = [f"{o}-{others[0]}" if o.startswith("hydra.run.dir=") else o for o in again]
         lines += [f"  # the same run with another architecture (or {', '.join(others[1:])})",
