@@ -64,9 +64,10 @@ def test_next_commands_use_this_runs_paths(capsys):
     assert len(cmds) == 4
 
 
-def test_another_architecture_keeps_the_overrides_and_gets_its_own_run_dir(capsys):
+def test_another_architecture_keeps_the_other_overrides_and_gets_its_own_run_dir(capsys):
     lines = report(capsys, model_preset="llama_125m", run_dir="/scratch/my run",
-                   overrides=["model=llama_125m", "train.max_steps=5", "data.sources.x.paths=[a b/*.txt]",
+                   overrides=["model=llama_125m", "model.num_hidden_layers=2", "+model.rope_theta=1e4",
+                              "train.max_steps=5", "data.sources.x.paths=[a b/*.txt]",
                               "hydra.run.dir=/scratch/my run"])
     cmds = commands(lines)
     assert cmds[0][-1] == "/scratch/my run"  # quoted for the shell, split back to one argument

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import sys
 import traceback
@@ -105,16 +106,37 @@ def precheck(argv: list[str]) -> DictConfig | None:
     return cfg
 
 
-def _deepspeed_accelerator() -> None:
-    """Tell DeepSpeed its accelerator when no CUDA device is visible: DeepSpeed then does not warn
-    "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it"
-    in every run on CPU. A DS_ACCELERATOR the user set is kept. Imports torch (the job needs it)."""
-    if "DS_ACCELERATOR" in os.environ:
-        return
+class _DropMessages(logging.Filter):
+    """Drop the records of one logger whose message contains one of ``fragments``."""
+
+    def __init__(self, *fragments: str):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(f in record.getMessage() for f in self.fragments)
+
+
+def quiet_expected_warnings() -> None:
+    """Keep two library warnings that every CPU run would print, and that ask for nothing, off the
+    console; each by its exact source, never by silencing warnings or a whole library:
+
+    * DeepSpeed's "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable
+      to detect it", logged when it has to guess: with no CUDA device visible we tell it through its
+      documented ``DS_ACCELERATOR=cpu`` (a value the user set is kept);
+    * transformers' "`...` is falling back to its reference PyTorch implementation because
+      `mamba_ssm` (or `causal_conv1d`) is not installed" (logger
+      ``transformers.integrations.hub_kernels``, Mamba2): those packages are CUDA kernels, so on CPU
+      the reference path is the only one. On a GPU the hint stays.
+
+    Imports torch (the job needs it anyway)."""
     import torch
 
-    if not torch.cuda.is_available():
-        os.environ["DS_ACCELERATOR"] = "cpu"
+    if torch.cuda.is_available():
+        return
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    logging.getLogger("transformers.integrations.hub_kernels").addFilter(
+        _DropMessages("is falling back to its reference PyTorch implementation"))
 
 
 def _world_size() -> int:
@@ -130,7 +152,7 @@ def _job(cfg: DictConfig) -> None:
     with reported_errors():
         if HydraConfig.get().mode == RunMode.MULTIRUN:  # precheck saw the first job's settings only
             check_job(cfg, _world_size())
-        _deepspeed_accelerator()
+        quiet_expected_warnings()
         from .loop import run
 
         run(cfg)
