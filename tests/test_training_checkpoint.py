@@ -1,42 +1,62 @@
-"""Checkpoint folders in process (newtonlm/training/checkpoint.py): the COMPLETE marker, the
-``latest`` pointer, keep-last pruning, partial folders left by a crash, re-saved tags and loading.
+"""Checkpoint folders in process (newtonlm/training/checkpoint.py): the COMPLETE marker (the
+manifest: files, sizes, CRC-32), verification, the ``latest`` pointer, keep-last pruning, partial
+folders left by a crash, failed writes (file-size limit, full disk), re-saved tags and loading.
 
 A fake engine stands in for DeepSpeed: its ``save_checkpoint`` writes files the way DeepSpeed's does
 (``<save_dir>/<tag>/`` with the model and optimizer states, the client state inside the model file,
 ``<save_dir>/latest`` only with ``save_latest=True``), and it can crash part way through a save.
 """
 
+import binascii
+import errno
 import json
 import os
+import resource
+import signal
+from contextlib import contextmanager
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from newtonlm.training.checkpoint import MARKER, Checkpoints, tag_for
+from newtonlm.training import checkpoint
+from newtonlm.training.checkpoint import (
+    MARKER,
+    CheckpointError,
+    Checkpoints,
+    CheckpointWriteError,
+    checksum,
+    file_owner,
+    human_size,
+    tag_for,
+)
 
 FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt")
 
 
-class Crash(RuntimeError):
-    pass
+class Crash(Exception):
+    """A save killed part way (not a write error: those are reported, see the tests at the end)."""
 
 
 class FakeEngine:
-    """``save_checkpoint`` / ``load_checkpoint`` with DeepSpeed's signatures and file layout.
-    ``crash_after``: raise after writing that many files of the next save (a killed save)."""
+    """``save_checkpoint`` / ``load_checkpoint`` with DeepSpeed's signatures and file layout: the
+    model-states file holds the weights (``module``) and the client state's keys at its top level,
+    the optimizer file the optimizer state. ``crash_after``: raise after writing that many files of
+    the next save (a killed save). ``payload``: floats per file (the files' size)."""
 
-    def __init__(self, crash_after=None):
-        self.saves, self.crash_after = [], crash_after
+    def __init__(self, crash_after=None, payload=0):
+        self.saves, self.crash_after, self.payload = [], crash_after, payload
 
     def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True):
         self.saves.append({"save_dir": save_dir, "tag": tag, "save_latest": save_latest})
         folder = os.path.join(save_dir, tag)
         os.makedirs(folder, exist_ok=True)
-        for i, name in enumerate(FILES):
+        states = ({"module": {"weight": torch.ones(self.payload)}, **(client_state or {})},
+                  {"optimizer_state_dict": {"exp_avg": torch.ones(self.payload)}})
+        for i, (name, state) in enumerate(zip(FILES, states)):
             if i == self.crash_after:
                 raise Crash(f"killed while saving {tag}")
-            torch.save({"client_state": client_state, "file": name}, os.path.join(folder, name))
+            torch.save(state, os.path.join(folder, name))
         if save_latest:
             with open(os.path.join(save_dir, "latest"), "w") as fh:
                 fh.write(tag)
@@ -46,7 +66,7 @@ class FakeEngine:
         path = os.path.join(load_dir, tag, FILES[0])
         if not os.path.isfile(path):  # DeepSpeed warns and returns (None, None)
             return None, None
-        return path, torch.load(path)["client_state"]
+        return path, {k: v for k, v in torch.load(path).items() if k != "module"}
 
 
 @pytest.fixture(autouse=True)
@@ -82,9 +102,81 @@ def test_save_writes_deepspeed_files_then_the_marker_then_latest(tmp_path):
     # DeepSpeed must not write `latest` itself (it would name the folder before COMPLETE exists)
     assert engine.saves == [{"save_dir": str(root), "tag": tag, "save_latest": False}]
     assert sorted(os.listdir(root / tag)) == sorted([*FILES, MARKER])
-    assert json.loads((root / tag / MARKER).read_text())["step"] == 100
     assert listing(root) == (["step_00000100"], "step_00000100")  # no temporary files left
     assert ck.load(engine, tag) == {"step": 100, "tokens_seen": 6400}
+
+
+def test_the_marker_is_a_manifest_of_every_file_with_its_size_and_crc32(tmp_path):
+    root = tmp_path / "checkpoints"
+    ck = Checkpoints(root, keep_last=2, is_main=True)
+    client = {"step": 100, "world_size": 1, "tokenizer_fingerprint": "0123456789abcdef",
+              "tokenizer_size": 400, "vocab_size": 448, "data_signature": {"seq_len": 16},
+              "config": {"train": {"seq_len": 16}}, "rng": [{}]}
+    tag = ck.save(FakeEngine(payload=1000), 100, client)
+    manifest = json.loads((root / tag / MARKER).read_text())
+    assert manifest.keys() == {"format", "step", "time", "world_size", "tokenizer_fingerprint",
+                               "tokenizer_size", "vocab_size", "data_signature", "config", "files"}
+    assert (manifest["format"], manifest["step"]) == (2, 100)
+    keys = checkpoint.MANIFEST_KEYS
+    assert {k: manifest[k] for k in keys} == {k: client[k] for k in keys}
+    assert sorted(manifest["files"]) == sorted(FILES)
+    for name, rec in manifest["files"].items():  # an independent CRC-32: the whole file at once
+        data = (root / tag / name).read_bytes()
+        assert rec == {"size": len(data), "crc32": f"{binascii.crc32(data):08x}"}
+    assert ck.manifest(tag) == manifest and ck.size(tag) == sum(r["size"] for r in manifest["files"].values())
+    # keys the client state lacks are null (e.g. a caller that records no tokenizer)
+    assert ck.manifest(ck.save(FakeEngine(), 200, {"step": 200}))["tokenizer_fingerprint"] is None
+
+
+def test_checksum_is_zlib_crc32(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"123456789")
+    assert checksum(path) == "cbf43926"  # the CRC-32 check value
+    big = os.urandom(3 * checkpoint._CHUNK + 5)  # several streamed reads
+    path.write_bytes(big)
+    assert checksum(path) == f"{binascii.crc32(big):08x}"
+    assert human_size(512) == "512 bytes" and human_size(1_500_000) == "1.50 MB"
+    assert human_size(112e9) == "112.00 GB" and human_size(3e15) == "3,000.00 TB"
+
+
+def test_each_rank_checksums_the_files_it_wrote():
+    assert [file_owner(f, 4) for f in ("mp_rank_00_model_states.pt",
+                                       "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                       "zero_pp_rank_3_mp_rank_00_optim_states.pt",
+                                       "zero_pp_rank_2_mp_rank_00_model_states.pt", "zero_to_fp32.py",
+                                       "offloaded_tensors/rank1/tensor.swp")] == [0, 0, 3, 2, 0, 1]
+    assert file_owner("zero_pp_rank_7_mp_rank_00_optim_states.pt", 4) == 0  # beyond the world: rank 0
+
+
+def test_verify_names_each_damaged_file_with_what_was_expected(tmp_path):
+    root = tmp_path / "checkpoints"
+    ck = make(root, 100, 200)
+    for tag in ("step_00000100", "step_00000200"):
+        assert ck.verify(tag) is None
+    model, optim = (root / "step_00000200" / name for name in FILES)
+    size = model.stat().st_size
+    with open(model, "r+b") as fh:
+        fh.truncate(size - 10)
+    problem = ck.verify("step_00000200")
+    assert problem == f"{model} has {size - 10:,} bytes, expected {size:,} (truncated or overwritten)"
+    data = bytearray(optim.read_bytes())  # a bit flip: same size, another CRC-32
+    want = f"{binascii.crc32(data):08x}"
+    data[len(data) // 2] ^= 0x10
+    optim.write_bytes(data)
+    optim_problem = f"{optim} has CRC-32 {binascii.crc32(data):08x}, expected {want} (its content changed)"
+    assert ck.verify("step_00000200") == f"{problem}; {optim_problem}"
+    model.unlink()
+    assert ck.verify("step_00000200") == f"{model} is missing; {optim_problem}"
+    missing = f"{root / 'step_00000300'} is missing or incomplete (no COMPLETE marker)"
+    assert ck.verify("step_00000300") == missing
+    # a format-1 marker (before manifests): accepted without verification
+    (root / "step_00000100" / MARKER).write_text(json.dumps({"step": 100, "time": 1.0}))
+    assert ck.manifest("step_00000100") is None and ck.verify("step_00000100") is None
+    (root / "step_00000100" / MARKER).write_text('{"step": 1')
+    marker = root / "step_00000100" / MARKER
+    assert ck.verify("step_00000100").startswith(f"{marker} is unreadable (JSONDecodeError")
+    (root / "step_00000100" / MARKER).write_text(json.dumps({"format": 3, "files": {}}))
+    assert ck.verify("step_00000100").endswith("has format 3; this newtonlm reads format 2")
 
 
 @pytest.mark.parametrize("keep_last", [1, 2, 3])
@@ -147,7 +239,8 @@ def test_re_saving_a_tag_starts_from_an_empty_folder(tmp_path):
     with pytest.raises(Crash):  # the re-save crashes: no old marker may vouch for the new files
         ck.save(FakeEngine(crash_after=1), 200, {"step": 200, "branch": 2})
     assert sorted(os.listdir(root / "step_00000200")) == [FILES[0]]
-    assert listing(root) == (["step_00000100", "step_00000200"], None)  # latest named the old folder
+    # latest named the old folder: it moved back to the newest remaining complete checkpoint
+    assert listing(root) == (["step_00000100", "step_00000200"], "step_00000100")
     assert ck.latest_complete() == "step_00000100"
     ck.save(FakeEngine(), 200, {"step": 200, "branch": 3})
     assert sorted(os.listdir(root / "step_00000200")) == sorted([*FILES, MARKER])
@@ -170,14 +263,17 @@ def test_names_that_are_not_checkpoint_tags_are_left_alone(tmp_path):
     assert listing(root) == (sorted([*others, "step_00000050", "step_00000080"]), "step_00000080")
 
 
-def test_remove_deletes_folders_and_the_latest_pointer_only_when_it_names_one(tmp_path):
+def test_remove_moves_latest_to_the_newest_remaining_complete_checkpoint(tmp_path):
     root = tmp_path / "checkpoints"
     ck = make(root, 100, 200, 300)
     ck.remove(["step_00000100", "step_00000999"])  # a missing tag is not an error
     assert listing(root) == (["step_00000200", "step_00000300"], "step_00000300")
+    (root / "step_00000250").mkdir()  # a partial folder: never a target of latest
     ck.remove(["step_00000300"])
-    assert listing(root) == (["step_00000200"], None)
+    assert listing(root) == (["step_00000200", "step_00000250"], "step_00000200")
     assert ck.latest_complete() == "step_00000200"
+    ck.remove(["step_00000200", "step_00000250"])
+    assert listing(root) == ([], None)  # no complete checkpoint left: no pointer
 
 
 def test_only_rank_0_writes_the_marker_latest_and_prunes(tmp_path):
@@ -198,9 +294,92 @@ def test_load_reports_a_checkpoint_deepspeed_cannot_read(tmp_path):
     root = tmp_path / "checkpoints"
     ck = make(root, 100)
     (root / "step_00000100" / FILES[0]).unlink()
-    with pytest.raises(ValueError, match="DeepSpeed could not load checkpoint .*step_00000100"):
+    with pytest.raises(CheckpointError, match="DeepSpeed could not load checkpoint .*step_00000100"):
         ck.load(FakeEngine(), "step_00000100")
     with pytest.raises(ValueError, match=r"step_00000200 is missing or incomplete.*complete ones: \['step_"):
         ck.load(FakeEngine(), "step_00000200")
     with pytest.raises(ValueError, match="complete ones: none"):
         Checkpoints(tmp_path / "empty", keep_last=1, is_main=True).load(FakeEngine(), "step_00000100")
+
+
+class RaisingEngine(FakeEngine):
+    def __init__(self, exc):
+        super().__init__()
+        self.exc = exc
+
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True):
+        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+        raise self.exc
+
+
+@contextmanager
+def file_size_limit(limit):
+    """RLIMIT_FSIZE in this process, SIGXFSZ ignored (so a write past the limit fails with EFBIG
+    instead of killing the process): the fault of a full quota, without filling a disk."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_save_past_the_file_size_limit_names_the_folder_the_limit_and_the_last_good_checkpoint(tmp_path):
+    root = tmp_path / "checkpoints"
+    ck = make(root, 100)
+    before = listing(root)
+    with file_size_limit(200_000), pytest.raises(CheckpointWriteError) as info:
+        ck.save(FakeEngine(payload=100_000), 200, {"step": 200})  # 400 kB files: torch's writer fails
+    message = str(info.value)
+    folder = root / "step_00000200"
+    assert message.startswith(f"saving checkpoint {folder} failed: RuntimeError: ")  # torch: "unexpected pos"
+    assert "free space on its filesystem: " in message
+    assert f"file-size limit (ulimit -f, RLIMIT_FSIZE): 200.00 kB, reached by {FILES[0]}" in message
+    assert message.endswith(f"the folder is not marked complete and is never resumed from; the last complete "
+                            f"checkpoint is {root / 'step_00000100'} (train.resume=auto resumes from it)")
+    assert not (folder / MARKER).exists() and (folder / FILES[0]).stat().st_size == 200_000
+    assert listing(root) == (["step_00000100", "step_00000200"], before[1])
+    assert ck.complete() == [(100, "step_00000100")]
+
+
+def test_a_save_on_a_full_disk_names_the_os_error_and_the_free_space(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    ck = Checkpoints(root, keep_last=2, is_main=True)
+    usage = type("Usage", (), {"free": 1_234_000, "total": 10**12})
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage)
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with pytest.raises(CheckpointWriteError) as info:
+        ck.save(RaisingEngine(RuntimeError("write failed")), 100, {"step": 100})
+    assert str(info.value).startswith(f"saving checkpoint {root / 'step_00000100'} failed: RuntimeError: "
+                                      "write failed; free space on its filesystem: 1.23 MB of 1.00 TB; ")
+    assert str(info.value).endswith("the folder is not marked complete; there is no complete checkpoint yet")
+    try:  # the OS error behind a wrapped one is named
+        raise RuntimeError("save failed") from full
+    except RuntimeError as wrapped:
+        chained = wrapped
+    with pytest.raises(CheckpointWriteError, match=r"failed: RuntimeError: save failed \(OS error: "
+                       r"\[Errno 28\] No space left on device\); free space on its filesystem: 1.23 MB"):
+        ck.save(RaisingEngine(chained), 100, {"step": 100})
+    assert ck.complete() == []
+
+
+def test_space_warning_before_a_save_that_will_not_fit(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    ck = make(root, 100)
+    size = ck.size("step_00000100")
+    assert size == sum((root / "step_00000100" / f).stat().st_size for f in FILES)
+    usage = type("Usage", (), {"free": size - 1, "total": 10**12})
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage)
+    assert ck.space_warning() == (
+        f"{human_size(size - 1)} free on the filesystem of {root}, but the last checkpoint (step_00000100) "
+        f"took {human_size(size)}: the next save will likely fail (free space, e.g. delete older "
+        "checkpoints, or raise the limit)")
+    usage.free = size
+    assert ck.space_warning() is None
+    largest = max((root / "step_00000100" / f).stat().st_size for f in FILES)
+    with file_size_limit(largest - 1):
+        assert ck.space_warning().startswith(f"the file-size limit (ulimit -f) is {human_size(largest - 1)}, "
+                                             f"but the last checkpoint has a file of {human_size(largest)}")
+    assert Checkpoints(tmp_path / "none", keep_last=1, is_main=True).space_warning() is None

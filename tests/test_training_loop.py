@@ -1,6 +1,7 @@
 """The trainer's decisions and its loss, in process (no DeepSpeed run): the resume plan, the resume
-config check, when to validate and log, and the batch convention shared by the data loader and the
-trainer (``targets`` are already shifted; ``model(**batch)`` computes no loss)."""
+config check, the schedule after a resume with another learning rate, when to validate and log, and
+the batch convention shared by the data loader and the trainer (``targets`` are already shifted;
+``model(**batch)`` computes no loss)."""
 
 import copy
 
@@ -14,20 +15,25 @@ from newtonlm.training.checkpoint import MARKER, Checkpoints
 from newtonlm.training.config import TrainConfig
 from newtonlm.training.loop import (
     ResumePlan,
+    ResumeRefused,
     check_resume_config,
     checkpoint_index,
     count_targets,
     log_due,
+    reschedule,
+    resume_differences,
     resume_plan,
     token_loss_sum,
     validation_due,
 )
+from newtonlm.training.optim import build_scheduler
 
 S2, S4, S6 = "step_00000002", "step_00000004", "step_00000006"
 
 
-def plan(checkpoints, resume="auto", overwrite=False):
-    return resume_plan(checkpoints, TrainConfig(resume=resume, overwrite=overwrite), where="ck")
+def plan(checkpoints, resume="auto", overwrite=False, unusable=None):
+    return resume_plan(checkpoints, TrainConfig(resume=resume, overwrite=overwrite), where="ck",
+                       unusable=unusable)
 
 
 def test_resume_auto_takes_the_newest_complete_checkpoint():
@@ -46,8 +52,30 @@ def test_resume_from_a_tag_deletes_later_checkpoints_only_with_overwrite():
     assert "train.overwrite=true" in refused.error
     assert plan(held, resume=S2, overwrite=True) == ResumePlan(tag=S2, delete=(S4, S6))
     assert plan({S2: True, S4: True}, resume=S4) == ResumePlan(tag=S4)
-    # a tag that does not exist is planned as asked; loading it fails with the list of complete ones
-    assert plan({S2: True}, resume=S4) == ResumePlan(tag=S4)
+    # a tag that does not exist or is partial: refused in the plan, with the complete ones
+    assert plan({S2: True}, resume=S4).error == (f"train.resume={S4} but ck holds no folder of that name; "
+                                                 f"complete checkpoints: {S2}")
+    assert plan({S2: True, S4: False}, resume=S4, overwrite=True).error == (
+        f"train.resume={S4} but ck holds a partial folder (its save did not finish) of that name; "
+        f"complete checkpoints: {S2}")
+
+
+def test_an_unusable_checkpoint_is_skipped_by_auto_and_refused_by_name():
+    bad = {S6: "ck/step_00000006/mp_rank_00_model_states.pt has 10 bytes, expected 20 (truncated ...)"}
+    held = {S2: True, S4: True, S6: True}
+    assert plan(held, unusable=bad) == ResumePlan(tag=S4, skipped=((S6, bad[S6]),))
+    # an older unusable one is not "skipped": auto never looked at it
+    assert plan(held, unusable={S2: "x"}) == ResumePlan(tag=S6)
+    # every complete one unusable: an error, never a silent fresh start
+    refused = plan({S2: True, S4: False}, unusable={S2: "broken"})
+    assert refused.tag is None and refused.skipped == ((S2, "broken"),)
+    assert refused.error.startswith(f"ck holds no usable checkpoint ({S2}: broken), and train.resume=auto "
+                                    "does not silently start over")
+    assert "train.resume=none train.overwrite=true" in refused.error
+    named = plan(held, resume=S6, unusable=bad)
+    assert named.tag is None and named.error == (
+        f"train.resume={S6}: checkpoint ck/{S6} is unusable: {bad[S6]}; resume from another one (complete: "
+        f"{S2}, {S4}, {S6}), or train.resume=auto (the newest usable one)")
 
 
 def test_resume_none_starts_over_only_in_an_empty_directory_or_with_overwrite():
@@ -68,23 +96,110 @@ def test_checkpoint_index_reads_folders_and_markers(tmp_path):
 
 
 def _resolved():
-    return {"model": {"arch": "paragru", "hidden_size": 32}, "data": {"sources": {"s": {"kind": "bible"}}},
-            "train": {"seq_len": 32, "micro_batch_size": 2, "grad_accum": 1, "seed": 1, "lr": 1e-3},
+    return {"model": {"arch": "paragru", "hidden_size": 32, "cell_mode": "auto", "newton_max_iters": 3},
+            "data": {"sources": {"s": {"kind": "files", "paths": ["a.txt"], "weight": 1.0}}, "val_batches": 2,
+                     "num_workers": 1, "shuffle": True, "tokenizer": {"vocab_size": 512, "cache_dir": "c"}},
+            "train": {"seq_len": 32, "micro_batch_size": 2, "grad_accum": 1, "seed": 1, "lr": 1e-3,
+                      "max_steps": 10, "zero_stage": 0, "betas": [0.9, 0.95]},
             "wandb": {"mode": "disabled"}}
 
 
-def test_check_resume_config_names_every_difference_that_breaks_the_run():
-    saved = {"config": _resolved(), "world_size": 1}
-    check_resume_config(saved, _resolved(), 1)
-    changed = _resolved()
-    changed["train"]["lr"], changed["wandb"]["mode"] = 3e-3, "offline"  # may change across a resume
-    check_resume_config(saved, changed, 1)
-    changed = copy.deepcopy(changed)
-    changed["model"]["hidden_size"] = 64
-    changed["train"]["seq_len"], changed["train"]["seed"] = 64, 2
-    with pytest.raises(ValueError, match=r"different settings \(model, train.seq_len, train.seed, "
-                                         r"world size \(1 saved, 2 now\)\); resume with the same ones"):
-        check_resume_config(saved, changed, 2)
+def _facts(**changes):
+    facts = {"config": _resolved(), "world_size": 1, "tokenizer_fingerprint": "a" * 16, "tokenizer_size": 512,
+             "vocab_size": 512, "data_signature": {"sources": [["DocumentSource", "s", "f1"]], "workers": 1,
+                                                   "seq_len": 32}}
+    facts.update(changes)
+    return facts
+
+
+def test_settings_that_may_change_on_resume():
+    now = _facts()
+    cfg = now["config"]
+    cfg["train"].update(lr=3e-3, max_steps=20)  # longer, another learning rate: the schedule follows
+    cfg["wandb"]["mode"] = "offline"
+    cfg["model"].update(cell_mode="fused", newton_max_iters=5)  # how the recurrence is solved
+    cfg["data"].update(val_batches=4, num_workers=2)  # workers: compared through the loader signature
+    cfg["data"]["sources"]["s"]["paths"] = ["/moved/a.txt"]  # the files: compared by the signature
+    cfg["data"]["tokenizer"].update(cache_dir="elsewhere", vocab_size=500)  # the tokenizer: by fingerprint
+    cfg["train"]["new_setting_of_a_later_version"] = 1  # absent from the checkpoint: not compared
+    assert resume_differences(_facts(), now) == []
+    check_resume_config(_facts(), now)
+    # a checkpoint of an older format records fewer facts: only those are compared
+    older = {"config": _resolved()}
+    assert resume_differences(older, _facts(world_size=2, tokenizer_fingerprint="b" * 16)) == []
+
+
+def test_check_resume_config_names_every_difference_with_both_values():
+    now = _facts(world_size=2, data_signature={"sources": [["DocumentSource", "s", "f2"]], "workers": 2,
+                                               "seq_len": 64})
+    now["config"]["model"]["hidden_size"] = 64
+    now["config"]["train"].update(seq_len=64, seed=2, betas=[0.9, 0.99])
+    now["config"]["data"]["shuffle"] = False
+    del now["config"]["train"]["zero_stage"]
+    assert resume_differences(_facts(), now) == [
+        "model.hidden_size (32 in the checkpoint, 64 now)",
+        "data.shuffle (true in the checkpoint, false now)",
+        "train.seq_len (32 in the checkpoint, 64 now)", "train.seed (1 in the checkpoint, 2 now)",
+        "train.zero_stage (0 in the checkpoint, absent now)",
+        "train.betas ([0.9, 0.95] in the checkpoint, [0.9, 0.99] now)",
+        'data files (per source: type, name, fingerprint of the file names and sizes) '
+        '([["DocumentSource", "s", "f1"]] in the checkpoint, [["DocumentSource", "s", "f2"]] now)',
+        "data-loader workers (data.num_workers; 0 counts as 1) (1 in the checkpoint, 2 now)",
+        "world size (1 in the checkpoint, 2 now)"]
+    with pytest.raises(ResumeRefused, match=r"^checkpoint ck/step_2 was written with other settings than "
+                       r"this run's: model.hidden_size \(32 in the checkpoint, 64 now\); data.shuffle .* "
+                       r"world size \(1 in the checkpoint, 2 now\)\. A resume continues the same run: "
+                       r".*another hydra.run.dir, or train.resume=none train.overwrite=true"):
+        check_resume_config(_facts(), now, "checkpoint ck/step_2")
+
+
+def test_another_architecture_is_named_once_and_another_tokenizer_even_at_the_same_vocabulary_size():
+    now = _facts(tokenizer_fingerprint="b" * 16, tokenizer_size=500)  # 500 tokens: still 512 rows
+    now["config"]["model"] = {"arch": "llama", "hidden_size": 32, "num_attention_heads": 2}
+    assert resume_differences(_facts(), now) == [
+        'model.arch ("paragru" in the checkpoint, "llama" now)',
+        f"tokenizer (fingerprint {'a' * 16}, 512 tokens, model vocabulary 512 in the checkpoint; "
+        f"fingerprint {'b' * 16}, 500 tokens, model vocabulary 512 now)"]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
+def test_a_resume_with_another_learning_rate_or_length_follows_the_new_schedule(schedule):
+    """The checkpoint restores the old peak rate (scheduler base_lrs) and the optimizer's current
+    rate; reschedule makes the resumed steps use the new settings: the rates of a schedule built
+    with them from step 0 (the independent reference), from the first resumed step on."""
+    def optimizer(lr):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 4)
+        return torch.optim.AdamW([{"params": [model.weight]}, {"params": [model.bias], "weight_decay": 0.0}],
+                                 lr=lr)
+
+    def steps(opt, sched, n):
+        rates = []
+        for _ in range(n):
+            rates.append(sched.get_last_lr()[0])
+            assert all(g["lr"] == rates[-1] for g in opt.param_groups)  # the rate the step applies
+            opt.step()
+            sched.step()
+        return rates
+
+    old_cfg = TrainConfig(lr=1e-3, schedule=schedule, warmup_steps=2)
+    new_cfg = TrainConfig(lr=4e-3, schedule=schedule, warmup_steps=2)
+    opt = optimizer(old_cfg.lr)
+    sched = build_scheduler(opt, old_cfg, 10)
+    steps(opt, sched, 5)
+    saved = (copy.deepcopy(opt.state_dict()), copy.deepcopy(sched.state_dict()))
+
+    ref_opt = optimizer(new_cfg.lr)
+    ref_sched = build_scheduler(ref_opt, new_cfg, 20)
+    reference = steps(ref_opt, ref_sched, 9)[5:]
+
+    opt = optimizer(new_cfg.lr)  # the resumed run: built with the new settings, then the checkpoint loaded
+    sched = build_scheduler(opt, new_cfg, 20)
+    opt.load_state_dict(saved[0])
+    sched.load_state_dict(saved[1])
+    assert sched.base_lrs == [1e-3, 1e-3]  # without reschedule: the old peak rate, silently
+    reschedule(sched, new_cfg.lr)
+    assert sched.last_epoch == 5 and steps(opt, sched, 4) == pytest.approx(reference, rel=1e-12)
 
 
 def test_validation_and_logging_steps():

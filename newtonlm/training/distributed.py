@@ -99,6 +99,24 @@ def barrier() -> None:
         dist.barrier()
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, the world size); (0, 1) without a process group."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` without a process
+    group. A collective: every rank must call it."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj, src: int = 0):
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return obj

@@ -1,44 +1,63 @@
 """The training job's loop, started by ``python -m newtonlm.training.train [hydra overrides]``
 (``train.py``: composes and checks the configuration before anything heavy is imported).
 
-:func:`run` reads top to bottom: :func:`setup` (process group, tokenizer, model, DeepSpeed engine,
-data), :func:`resume` (the run's counters, data-loader and RNG states from the newest checkpoint),
-then the loop: :func:`train_step` (one optimizer step over ``grad_accum`` micro-batches, returning
-the step's record), logging, :func:`stop_reason` (preemption notice, non-finite steps),
-:func:`validate`, :func:`save_checkpoint`; finally :func:`finish` (validation, a text sample, the
-summary). Batches are ``{"input_ids", "targets"}`` from newtonlm.data, targets already shifted:
-the loss is the cross-entropy of the logits at each position against its target
-(:func:`token_loss_sum`). Helpers: ``config`` (settings), ``distributed``, ``optim`` (AdamW,
-schedules, DeepSpeed config), ``checkpoint``, ``metrics`` (metrics.jsonl, progress, wandb, MFU).
+:func:`run` reads top to bottom: :func:`setup` (process group, the run directory's lock, tokenizer,
+data, the resume plan, model, DeepSpeed engine), :func:`resume` (the run's counters, data-loader and
+RNG states from the planned checkpoint), :func:`prepare_run_dir` (the first writes into the run
+directory: config.yaml, tokenizer/), then the loop: :func:`train_step` (one optimizer step over
+``grad_accum`` micro-batches, returning the step's record), logging, :func:`stop_reason`
+(preemption notice, non-finite steps), :func:`validate`, :func:`save_checkpoint`; finally
+:func:`finish` (validation, a text sample, the summary). Batches are ``{"input_ids", "targets"}``
+from newtonlm.data, targets already shifted: the loss is the cross-entropy of the logits at each
+position against its target (:func:`token_loss_sum`). Helpers: ``config`` (settings),
+``distributed``, ``optim`` (AdamW, schedules, DeepSpeed config), ``checkpoint``, ``lock``,
+``metrics`` (metrics.jsonl, progress, wandb, MFU).
+
+A refused or failed start leaves the run directory as it found it, byte for byte: the resume is
+planned (:func:`plan_resume`: which checkpoint, verified against its manifest, its settings compared
+with this run's) and the checkpoint loaded before anything is written, and the lock file gets its
+previous bytes back.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ..data import build_dataloaders, get_or_train_tokenizer, load_data_config, vocab_size_for_model
+from ..data.tokenizer import load_tokenizer, max_token_id, tokenizer_fingerprint
 from ..models import build_model, count_parameters, flops_per_token, newton_stats
 from . import faults
-from .checkpoint import Checkpoints
+from .checkpoint import MANIFEST_KEYS, CheckpointError, Checkpoints, tag_step
 from .config import TrainConfig, WandbConfig, load_settings
 from .config import validate as validate_settings
-from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed
+from .distributed import (
+    DistInfo,
+    all_gather_object,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    init_distributed,
+)
+from .errors import UserError
+from .lock import RunDirectoryInUse, RunLock
 from .metrics import RunLog, mfu, peak_flops
 from .optim import build_optimizer, build_scheduler, deepspeed_config
 
@@ -46,9 +65,6 @@ if TYPE_CHECKING:
     from ..data import FixedBatches, ResumableLoader
 
 IGNORE_INDEX = -100  # a target that is not scored (cross_entropy's default ignore_index)
-
-# Settings that must match for a resume to continue the same run.
-_RESUME_KEYS = ("seq_len", "micro_batch_size", "grad_accum", "seed")
 
 
 class _StopRequest:
@@ -96,6 +112,9 @@ class Job:
     val_loader: FixedBatches | None
     ckpts: Checkpoints
     resolved: dict               # the resolved config: config.yaml, checkpoints, wandb
+    facts: dict                  # run_facts: what checkpoints record and a resume compares
+    lock: RunLock | None         # rank 0's lock on the run directory (None on other ranks)
+    plan: ResumePlan             # decided by setup, carried out by resume
     total_steps: int
     parameters: dict             # count_parameters of the model
     flops_per_token: float
@@ -157,30 +176,83 @@ def sample_text(engine, tokenizer, prompt: str, max_new_tokens: int, device, see
 
 # ---- resume: pure decisions (unit-tested) and their application ----------------------------------
 
+class ResumeRefused(UserError):
+    """The run directory cannot be resumed as asked (changed settings, unusable checkpoints, a
+    conflicting request); raised before anything was written into it."""
+
+
 @dataclass(frozen=True)
 class ResumePlan:
     tag: str | None = None           # the checkpoint to resume from; None: start at step 0
-    delete: tuple[str, ...] = ()     # checkpoint folders to delete first
+    delete: tuple[str, ...] = ()     # checkpoint folders to delete, once the run is accepted
     error: str | None = None         # why the run must not start (raised on every rank)
+    skipped: tuple[tuple[str, str], ...] = ()  # (tag, why) of newer unusable checkpoints passed over
 
 
-def _tag_step(tag: str) -> int:
-    return int(tag.removeprefix("step_"))
+# What a resume may change; every other setting of the resolved config must equal the checkpoint's
+# (fnmatch patterns over the flattened keys). A key the checkpoint's config lacks (a setting added by
+# a later newtonlm) is not compared.
+RESUME_MAY_CHANGE = (
+    # the length and the learning-rate schedule (the resumed steps follow the new ones: reschedule)
+    "train.max_steps", "train.max_tokens", "train.lr", "train.schedule", "train.warmup_steps",
+    "train.warmup_frac", "train.min_lr_ratio", "train.decay_frac", "train.grad_clip",
+    # when to save, validate, log and stop; how the same math runs
+    "train.save_every", "train.keep_last", "train.resume", "train.overwrite", "train.eval_every",
+    "train.log_every", "train.max_consecutive_skips", "train.dist_timeout_s", "train.deepspeed_shm_comm",
+    "train.activation_checkpointing", "train.compile", "train.sample_tokens", "train.sample_prompt",
+    "train.progress", "train.peak_flops", "train.inject_nan_steps", "wandb.*",
+    # how the recurrence is solved, not what it computes
+    "model.cell_mode", "model.newton_*",
+    # validation size, tokenizer batching; where the files are (the data-loader signature compares
+    # the files and the worker count, the tokenizer's fingerprint the tokenizer itself)
+    "data.val_batches", "data.tokenize_batch_docs", "data.num_workers", "data.shards_dir",
+    "data.sources.*.paths", "data.tokenizer.*",
+)
+# The parts of the data-loader signature (ResumableLoader.signature) compared on their own: the rest
+# mirrors settings compared above (seq_len, batch size, seed, shuffling, world size)
+_SIGNATURE_PARTS = {"sources": "data files (per source: type, name, fingerprint of the file names and sizes)",
+                    "workers": "data-loader workers (data.num_workers; 0 counts as 1)"}
+# settings whose change needs the schedule rebuilt after loading the checkpoint's optimizer state
+_SCHEDULE_KEYS = ("lr", "schedule", "warmup_steps", "warmup_frac", "min_lr_ratio", "decay_frac", "max_steps",
+                  "max_tokens")
 
 
-def resume_plan(checkpoints: dict[str, bool], cfg: TrainConfig, where: str = "checkpoints") -> ResumePlan:
+def resume_plan(checkpoints: dict[str, bool], cfg: TrainConfig, where: str = "checkpoints",
+                unusable: dict[str, str] | None = None) -> ResumePlan:
     """What ``cfg.resume`` and ``cfg.overwrite`` mean for a run directory whose checkpoint folder
-    ``where`` holds ``checkpoints`` (tag ``step_NNNNNNNN`` -> complete, i.e. has its marker).
+    ``where`` holds ``checkpoints`` (tag ``step_NNNNNNNN`` -> complete, i.e. has its marker), some of
+    which are known to be ``unusable`` (tag -> why: failed verification or loading).
 
-    auto: the newest complete checkpoint, or a fresh start. ``step_N``: that one; later folders
-    (which ``auto`` would pick next time) are deleted with ``overwrite``, else an error. none: a
-    fresh start, refused while checkpoints exist unless ``overwrite`` (then they are deleted)."""
-    tags = sorted(checkpoints, key=_tag_step)
+    auto: the newest usable complete checkpoint (newer unusable ones are ``skipped``), or a fresh
+    start when there is none at all; an error when every complete one is unusable (never a silent
+    fresh start). ``step_N``: that one, an error if it is not complete or unusable; later folders
+    (which ``auto`` would pick next time) are deleted with ``overwrite``, else an error. none: a fresh
+    start, refused while checkpoints exist unless ``overwrite`` (then they are deleted)."""
+    unusable = unusable or {}
+    tags = sorted(checkpoints, key=tag_step)
+    complete = [t for t in tags if checkpoints[t]]
     if cfg.resume == "auto":
-        complete = [t for t in tags if checkpoints[t]]
-        return ResumePlan(tag=complete[-1] if complete else None)
+        usable = [t for t in complete if t not in unusable]
+        tag = usable[-1] if usable else None
+        skipped = tuple((t, unusable[t]) for t in complete
+                        if t in unusable and (tag is None or tag_step(t) > tag_step(tag)))
+        if tag is None and skipped:
+            return ResumePlan(skipped=skipped, error=(
+                f"{where} holds no usable checkpoint ("
+                + "; ".join(f"{t}: {why}" for t, why in skipped) + "), and train.resume=auto does not "
+                "silently start over: restore the files, or start over with train.resume=none "
+                "train.overwrite=true (deletes them) or in another hydra.run.dir"))
+        return ResumePlan(tag=tag, skipped=skipped)
     if cfg.resume.startswith("step_"):
-        newer = tuple(t for t in tags if _tag_step(t) > _tag_step(cfg.resume))
+        if cfg.resume in unusable:
+            return ResumePlan(error=f"train.resume={cfg.resume}: checkpoint {where}/{cfg.resume} is "
+                                    f"unusable: {unusable[cfg.resume]}; resume from another one (complete: "
+                                    f"{', '.join(complete)}), or train.resume=auto (the newest usable one)")
+        if not checkpoints.get(cfg.resume):
+            what = "a partial folder (its save did not finish)" if cfg.resume in checkpoints else "no folder"
+            return ResumePlan(error=f"train.resume={cfg.resume} but {where} holds {what} of that name; "
+                                    f"complete checkpoints: {', '.join(complete) or 'none'}")
+        newer = tuple(t for t in tags if tag_step(t) > tag_step(cfg.resume))
         if newer and not cfg.overwrite:
             return ResumePlan(error=f"train.resume={cfg.resume} but {where} also holds later checkpoints "
                                     f"({', '.join(newer)}) that the resumed run would overwrite and "
@@ -193,20 +265,156 @@ def resume_plan(checkpoints: dict[str, bool], cfg: TrainConfig, where: str = "ch
     return ResumePlan(delete=tuple(tags))
 
 
-def check_resume_config(saved: dict, resolved: dict, world: int) -> None:
-    """Raise ValueError naming every setting in which the checkpoint's ``client_state`` (``saved``)
-    differs from this run (``resolved`` config, ``world`` size) where a resume would not continue the
-    same run: the model, the data, ``train.{seq_len, micro_batch_size, grad_accum, seed}``, the
-    world size."""
-    diffs = [part for part in ("model", "data") if saved["config"].get(part) != resolved.get(part)]
-    diffs += [f"train.{key}" for key in _RESUME_KEYS
-              if saved["config"]["train"].get(key) != resolved["train"].get(key)]
-    if saved["world_size"] != world:
-        diffs.append(f"world size ({saved['world_size']} saved, {world} now)")
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _show(value) -> str:
+    return json.dumps(value, default=str)
+
+
+_ABSENT = object()
+
+
+def resume_differences(saved: dict, now: dict) -> list[str]:
+    """Each way in which this run (``now``) differs from a checkpoint (``saved``) that a resume must
+    not change, as ``"<setting> (<saved> in the checkpoint, <now> now)"``. Both are
+    :func:`run_facts`-style dicts (a checkpoint's manifest); a fact the checkpoint lacks (older
+    formats) is not compared. Settings: the config outside :data:`RESUME_MAY_CHANGE` (only
+    ``model.arch`` when the architecture differs), the tokenizer (by fingerprint: also a change that
+    keeps the model's vocabulary size), the data-loader signature's files and workers, the world size."""
+    diffs = []
+    old, new = _flatten(saved["config"]), _flatten(now["config"])
+    arch_changed = old.get("model.arch", _ABSENT) != new.get("model.arch", _ABSENT)
+    for key, value in old.items():
+        if any(fnmatch(key, pattern) for pattern in RESUME_MAY_CHANGE):
+            continue
+        if arch_changed and key.startswith("model.") and key != "model.arch":
+            continue
+        current = new.get(key, _ABSENT)
+        if current != value:
+            shown = "absent" if current is _ABSENT else _show(current)
+            diffs.append(f"{key} ({_show(value)} in the checkpoint, {shown} now)")
+    if saved.get("tokenizer_fingerprint") and saved["tokenizer_fingerprint"] != now["tokenizer_fingerprint"]:
+        def tok(facts):
+            return (f"fingerprint {facts['tokenizer_fingerprint']}, {facts.get('tokenizer_size')} tokens, "
+                    f"model vocabulary {facts.get('vocab_size')}")
+        diffs.append(f"tokenizer ({tok(saved)} in the checkpoint; {tok(now)} now)")
+    if saved.get("data_signature") and now.get("data_signature"):
+        for part, label in _SIGNATURE_PARTS.items():
+            a, b = saved["data_signature"].get(part), now["data_signature"].get(part)
+            if a != b:
+                diffs.append(f"{label} ({_show(a)} in the checkpoint, {_show(b)} now)")
+    if saved.get("world_size") is not None and saved["world_size"] != now["world_size"]:
+        diffs.append(f"world size ({saved['world_size']} in the checkpoint, {now['world_size']} now)")
+    return diffs
+
+
+def check_resume_config(saved: dict, now: dict, where: str = "the checkpoint") -> None:
+    """Raise ResumeRefused naming every difference (:func:`resume_differences`) between the checkpoint
+    ``where`` (its facts ``saved``) and this run (``now``), with what to do."""
+    diffs = resume_differences(saved, now)
     if diffs:
-        raise ValueError(f"the checkpoint was written with different settings ({', '.join(diffs)}); "
-                         "resume with the same ones, or start a new run (another hydra.run.dir, or "
-                         "train.resume=none train.overwrite=true)")
+        raise ResumeRefused(
+            f"{where} was written with other settings than this run's: {'; '.join(diffs)}. A resume "
+            "continues the same run: resume with the checkpoint's settings, or start a new run (another "
+            "hydra.run.dir, or train.resume=none train.overwrite=true, which deletes this run's checkpoints)")
+
+
+def run_facts(resolved: dict, world: int, tokenizer, data_signature: dict) -> dict:
+    """What a checkpoint of this run records about it (copied into its manifest: MANIFEST_KEYS) and
+    what a resume compares: the resolved config, the world size, the tokenizer (fingerprint, size,
+    the model's vocabulary) and rank 0's data-loader signature (its rank left out)."""
+    return {"world_size": world, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+            "tokenizer_size": max_token_id(tokenizer) + 1, "vocab_size": vocab_size_for_model(tokenizer),
+            "data_signature": {k: v for k, v in data_signature.items() if k != "rank"}, "config": resolved}
+
+
+def _fingerprint_at(folder: Path) -> str | None:
+    """The fingerprint of the tokenizer saved in ``folder``; None when there is none readable."""
+    if not (folder / "tokenizer_config.json").is_file():
+        return None
+    try:
+        return tokenizer_fingerprint(load_tokenizer(str(folder)))
+    except Exception:  # a damaged folder: as good as none
+        return None
+
+
+def saved_facts(ckpts: Checkpoints, tag: str, run_dir: Path) -> dict:
+    """A checkpoint's :func:`run_facts`, from its manifest without loading weights; a format-1
+    checkpoint (no manifest) from its client state, with the fingerprint of ``<run_dir>/tokenizer``
+    standing in for the tokenizer's (those checkpoints did not record it). CheckpointError when
+    unreadable."""
+    manifest = ckpts.manifest(tag)
+    if manifest is not None:
+        return {key: manifest.get(key) for key in MANIFEST_KEYS}
+    state = ckpts.read_client_state(tag)
+    facts = {key: state.get(key) for key in MANIFEST_KEYS}
+    signature = ((state.get("data") or [{}])[0] or {}).get("signature") or {}
+    facts["data_signature"] = {k: v for k, v in signature.items() if k != "rank"} or None
+    facts["tokenizer_fingerprint"] = facts["tokenizer_fingerprint"] or _fingerprint_at(run_dir / "tokenizer")
+    return facts
+
+
+def checkpoint_index(ckpts: Checkpoints) -> dict[str, bool]:
+    """Every checkpoint folder of the run directory: tag -> complete (the input of resume_plan)."""
+    complete = {tag for _, tag in ckpts.complete()}
+    return {tag: tag in complete for tag in ckpts.all_tags()}
+
+
+def plan_resume(ckpts: Checkpoints, cfg: TrainConfig, now: dict, run_dir: Path,
+                unusable: dict[str, str] | None = None) -> ResumePlan:
+    """The whole resume plan, decided from the checkpoints alone before anything is written or built:
+    :func:`resume_plan` over rank 0's view of the checkpoint folder; the chosen checkpoint verified
+    against its manifest (every rank its own files), an unusable one (and its reason) passed over by
+    ``auto``; its settings compared with this run's (``now``: :func:`run_facts`). Every rank gets the
+    same plan, or ResumeRefused (saying that nothing was changed). A collective."""
+    unusable, main = dict(unusable or {}), ckpts.is_main
+    index = checkpoint_index(ckpts) if main else None
+    unchanged = f"; nothing in {run_dir} was changed"
+    while True:
+        plan = resume_plan(index, cfg, str(ckpts.root), unusable) if main else None
+        plan = ResumePlan(**broadcast_object(asdict(plan) if main else None))
+        if plan.error:
+            raise ResumeRefused(plan.error + unchanged)
+        if plan.tag is None:
+            return plan
+        problem, error = ckpts.verify(plan.tag), None
+        if problem is None and main:
+            try:
+                saved = saved_facts(ckpts, plan.tag, run_dir)
+                check_resume_config(saved, now, f"checkpoint {ckpts.root / plan.tag}")
+            except CheckpointError as exc:
+                problem = str(exc)
+            except ResumeRefused as exc:
+                error = str(exc)
+        problem, error = broadcast_object((problem, error))
+        if error:
+            raise ResumeRefused(error + unchanged)
+        if problem is None:
+            return plan
+        unusable[plan.tag] = problem
+
+
+def reschedule(scheduler, lr: float) -> None:
+    """Make a loaded learning-rate schedule follow this run's settings. A checkpoint restores the
+    scheduler's peak rates (``base_lrs``) and the optimizer's current rate, but not the schedule's
+    shape (its lambdas come from this run's config); after a resume with another ``train.lr`` or
+    schedule, set both from ``lr`` and the lambdas at the resumed step, so that step ``s`` uses
+    ``lr * factor(s)`` of the new settings from the first resumed step on. ``scheduler``: a
+    LambdaLR (transformers' schedules)."""
+    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    groups = scheduler.optimizer.param_groups
+    for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]
 
 
 def _rng_state() -> dict:
@@ -225,48 +433,74 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _gather(obj, world: int) -> list:
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def checkpoint_index(ckpts: Checkpoints) -> dict[str, bool]:
-    """Every checkpoint folder of the run directory: tag -> complete (the input of resume_plan)."""
-    complete = {tag for _, tag in ckpts.complete()}
-    return {tag: tag in complete for tag in ckpts.all_tags()}
-
-
-def resume(job: Job) -> tuple[Counters, str | None]:
-    """(counters, the tag resumed from or None). Rank 0 plans from its view of the run directory
-    and every rank follows; a resumed rank gets back its data-loader position and RNG states."""
-    ckpts, plan = job.ckpts, None
+def resume(job: Job) -> tuple[Counters, ResumePlan]:
+    """Load the checkpoint of the plan (``job.plan``, decided by :func:`setup`) into the engine ->
+    (counters, the plan as carried out). A checkpoint that fails to load is unusable: ``auto`` plans
+    again without it, an explicitly named one is refused. A resumed rank gets back its data-loader
+    position and RNG states; a changed schedule is applied. Nothing is written into the run directory."""
+    plan = job.plan
+    while plan.tag is not None:
+        try:
+            state, problem = job.ckpts.load(job.engine, plan.tag), None
+        except CheckpointError as exc:
+            state, problem = None, str(exc)
+        problems = [p for p in all_gather_object(problem) if p]
+        if not problems:
+            break
+        unusable = {**dict(plan.skipped), plan.tag: "; ".join(problems)}
+        plan = plan_resume(job.ckpts, job.cfg, job.facts, job.run_dir, unusable)
     if job.dist.is_main:
-        plan = asdict(resume_plan(checkpoint_index(ckpts), job.cfg, str(ckpts.root)))
-    plan = ResumePlan(**broadcast_object(plan))
-    if plan.error:
-        raise ValueError(plan.error)
-    if plan.delete:
-        ckpts.remove(list(plan.delete))
+        for tag, why in plan.skipped:
+            print(f"newtonlm: warning: checkpoint {job.ckpts.root / tag} is unusable ({why}); skipped, "
+                  f"resuming from {plan.tag}", file=sys.stderr, flush=True)
     if plan.tag is None:
-        return Counters(), None
-    state = ckpts.load(job.engine, plan.tag)
-    check_resume_config(state, job.resolved, job.dist.world_size)
+        return Counters(), plan
     counters = Counters(step=state["step"], tokens_seen=state["tokens_seen"],
                         skipped_total=state.get("skipped_total", 0),
                         consecutive_skips=state.get("consecutive_skips", 0))
     job.train_loader.load_state_dict(state["data"][job.dist.rank])
     _set_rng_state(state["rng"][job.dist.rank])
-    return counters, plan.tag
+    saved_train, train_now = state["config"]["train"], job.resolved["train"]
+    if any(saved_train.get(key) != train_now.get(key) for key in _SCHEDULE_KEYS):
+        reschedule(job.scheduler, job.cfg.lr)
+    return counters, plan
+
+
+def _save_tokenizer(tokenizer, folder: Path) -> None:
+    """``save_pretrained`` into a fresh folder, swapped in for ``folder`` (no stale files stay)."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def prepare_run_dir(job: Job, plan: ResumePlan) -> None:
+    """The first writes into the run directory, once the plan is carried out: the checkpoints it
+    deletes, ``config.yaml``, and ``tokenizer/`` unless it already holds this tokenizer (a resumed
+    run's is the checkpoint's: equal fingerprints). A collective."""
+    if plan.delete:
+        job.ckpts.remove(list(plan.delete))
+    if job.dist.is_main:
+        tmp = job.run_dir / ".config.yaml.tmp"
+        tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(job.resolved)))
+        os.replace(tmp, job.run_dir / "config.yaml")
+        folder = job.run_dir / "tokenizer"
+        if _fingerprint_at(folder) != job.facts["tokenizer_fingerprint"]:
+            if plan.tag is not None:
+                print(f"newtonlm: {folder} did not hold the checkpoint's tokenizer (fingerprint "
+                      f"{job.facts['tokenizer_fingerprint']}): written again", file=sys.stderr, flush=True)
+            _save_tokenizer(job.tokenizer, folder)
+    barrier()
 
 
 def save_checkpoint(job: Job, counters: Counters) -> None:
-    """A checkpoint of the current step: the engine's state plus what :func:`resume` restores."""
-    world = job.dist.world_size
-    client = {**asdict(counters), "world_size": world, "config": job.resolved,
-              "data": _gather(job.train_loader.state_dict(), world), "rng": _gather(_rng_state(), world)}
+    """A checkpoint of the current step: the engine's state plus what :func:`resume` restores and
+    what its manifest records (:func:`run_facts`). Warns first when the disk looks too full for it."""
+    if job.dist.is_main and (warning := job.ckpts.space_warning()):
+        print(f"newtonlm: warning: {warning}", file=sys.stderr, flush=True)
+    client = {**asdict(counters), **job.facts, "data": all_gather_object(job.train_loader.state_dict()),
+              "rng": all_gather_object(_rng_state())}
     job.ckpts.save(job.engine, counters.step, client)
 
 
@@ -279,9 +513,43 @@ def _describe_engine(engine, optimizer, precision: str) -> str:
             + f", {precision}" + (", torch.compile" if engine.is_compiled else ""))
 
 
+def lock_run_dir(run_dir: Path, is_main: bool) -> RunLock | None:
+    """Rank 0 locks the run directory (lock.py); every rank raises RunDirectoryInUse when another
+    trainer holds it. A collective."""
+    lock, error = None, None
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = RunLock.acquire(run_dir)
+        except RunDirectoryInUse as exc:
+            error = str(exc)
+    error = broadcast_object(error)
+    if error:
+        raise RunDirectoryInUse(error)
+    if lock is not None and (note := lock.takeover_note()):
+        print(f"newtonlm: warning: {note}", file=sys.stderr, flush=True)
+    return lock
+
+
+def claim_run_dir(run_dir: Path, ckpts: Checkpoints, cfg: TrainConfig,
+                  now: dict) -> tuple[RunLock | None, ResumePlan]:
+    """Lock the run directory (rank 0) and plan the resume (:func:`plan_resume`) -> (the lock, the
+    plan). A refusal (the lock held by another trainer, a refused plan) raises with the directory as
+    it was found: the lock file gets its previous bytes back. A collective."""
+    lock = lock_run_dir(run_dir, ckpts.is_main)
+    try:
+        return lock, plan_resume(ckpts, cfg, now, run_dir)
+    except BaseException:
+        if lock is not None:
+            lock.release(restore=True)
+        raise
+
+
 def setup(cfg: DictConfig) -> Job:
-    """Process group, run directory, tokenizer (trained once by rank 0 and cached), model, DeepSpeed
-    engine, data loaders, MFU constants."""
+    """Everything the loop needs, with nothing written into the run directory but its lock: process
+    group, tokenizer (trained once by rank 0 into its cache), data loaders, the lock and the resume
+    plan (:func:`claim_run_dir`: refusals come here, before the model is built), model, DeepSpeed
+    engine, MFU constants. A failure releases the lock as it was found."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     stop = _StopRequest()  # from here on a SIGTERM / SIGINT ends the run with a checkpoint
     train_cfg, wandb_cfg = load_settings(cfg)
@@ -291,20 +559,37 @@ def setup(cfg: DictConfig) -> Job:
     data_cfg = load_data_config(cfg.data)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        tokenizer = get_or_train_tokenizer(data_cfg)
-        tokenizer.save_pretrained(run_dir / "tokenizer")
+        tokenizer = get_or_train_tokenizer(data_cfg)  # trained into the cache (not the run directory)
     barrier()
     if not info.is_main:
         tokenizer = get_or_train_tokenizer(data_cfg)  # from rank 0's cache
     vocab = vocab_size_for_model(tokenizer)
+    train_loader, val_loader = build_dataloaders(
+        data_cfg, tokenizer, train_cfg.seq_len, train_cfg.micro_batch_size, info.rank, world,
+        train_cfg.seed, model_vocab_size=vocab)
+    facts = run_facts(resolved, world, tokenizer, train_loader.signature())
+    ckpts = Checkpoints(run_dir / "checkpoints", train_cfg.keep_last, info.is_main)
+    lock, plan = claim_run_dir(run_dir, ckpts, train_cfg, facts)
+    try:
+        return Job(cfg=train_cfg, wandb_cfg=wandb_cfg, run_dir=run_dir, dist=info, stop=stop,
+                   tokenizer=tokenizer, train_loader=train_loader, val_loader=val_loader, ckpts=ckpts,
+                   resolved=resolved, facts=facts, lock=lock, plan=plan,
+                   **_build_engine(cfg, train_cfg, info, vocab, run_dir))
+    except BaseException:
+        if lock is not None:
+            lock.release(restore=True)
+        raise
+
+
+def _build_engine(cfg: DictConfig, train_cfg: TrainConfig, info: DistInfo, vocab: int, run_dir: Path) -> dict:
+    """The model and the DeepSpeed engine around it, and what the loop derives from them (the
+    :class:`Job` fields of those)."""
+    world = info.world_size
     torch.manual_seed(train_cfg.seed)
     model = build_model(cfg.model, vocab)
     if train_cfg.activation_checkpointing:
         model.gradient_checkpointing_enable()
     parameters = count_parameters(model)
-
     tokens_per_step = train_cfg.micro_batch_size * train_cfg.seq_len * train_cfg.grad_accum * world
     total_steps = (math.ceil(train_cfg.max_tokens / tokens_per_step) if train_cfg.max_tokens > 0
                    else train_cfg.max_steps)
@@ -317,21 +602,14 @@ def setup(cfg: DictConfig) -> Job:
         config=deepspeed_config(train_cfg, world), dist_init_required=False)
     if train_cfg.compile:
         engine.compile()
-    train_loader, val_loader = build_dataloaders(
-        data_cfg, tokenizer, train_cfg.seq_len, train_cfg.micro_batch_size, info.rank, world,
-        train_cfg.seed, model_vocab_size=vocab)
     peak, peak_source = peak_flops(info.device, train_cfg.precision, train_cfg.peak_flops)
     description = (f"{cfg.model.arch} {parameters['total']:,} parameters "
                    f"({parameters['non_embedding']:,} non-embedding), vocab {vocab}, world {world}, "
                    f"{tokens_per_step} tokens/step, {total_steps} steps, "
                    f"{_describe_engine(engine, optimizer, train_cfg.precision)}, run dir {run_dir}")
-    return Job(cfg=train_cfg, wandb_cfg=wandb_cfg, run_dir=run_dir, dist=info, stop=stop,
-               tokenizer=tokenizer, engine=engine, optimizer=optimizer, scheduler=scheduler,
-               train_loader=train_loader, val_loader=val_loader,
-               ckpts=Checkpoints(run_dir / "checkpoints", train_cfg.keep_last, info.is_main),
-               resolved=resolved, total_steps=total_steps, parameters=parameters,
-               flops_per_token=flops_per_token(cfg.model, vocab, train_cfg.seq_len),
-               peak_flops=peak, peak_source=peak_source, description=description)
+    return dict(engine=engine, optimizer=optimizer, scheduler=scheduler, total_steps=total_steps,
+                parameters=parameters, flops_per_token=flops_per_token(cfg.model, vocab, train_cfg.seq_len),
+                peak_flops=peak, peak_source=peak_source, description=description)
 
 
 # ---- the loop ------------------------------------------------------------------------------------
@@ -409,12 +687,29 @@ def validate(job: Job, counters: Counters, log: RunLog, final: bool = False) -> 
 
 def run(cfg: DictConfig) -> dict:
     """The job (module docstring); returns the summary that :func:`finish` prints."""
-    job = setup(cfg)
-    counters, resumed_from = resume(job)  # step 0, or where the newest checkpoint left off
-    log = RunLog(job.run_dir, job.dist.is_main, counters.step if resumed_from else None, job.wandb_cfg,
+    job = setup(cfg)  # nothing written yet; the resume plan is decided
+    try:
+        counters, plan = resume(job)  # step 0, or where the planned checkpoint left off
+        prepare_run_dir(job, plan)  # the first writes
+    except BaseException:
+        if job.lock is not None:
+            job.lock.release(restore=True)
+        raise
+    try:
+        return _train(job, counters, plan)
+    finally:
+        if job.lock is not None:
+            job.lock.release()
+
+
+def _train(job: Job, counters: Counters, plan: ResumePlan) -> dict:
+    log = RunLog(job.run_dir, job.dist.is_main, counters.step if plan.tag else None, job.wandb_cfg,
                  job.resolved, job.total_steps, job.cfg.progress)
+    for tag, why in plan.skipped:
+        log.event("skipped_corrupt_checkpoint", counters.step, checkpoint=str(job.ckpts.root / tag),
+                  reason=why, resumed_from=plan.tag)
     if job.dist.is_main:
-        print(f"newtonlm: {job.description}" + (f", resumed from {resumed_from}" if resumed_from else ""),
+        print(f"newtonlm: {job.description}" + (f", resumed from {plan.tag}" if plan.tag else ""),
               file=sys.stderr, flush=True)
 
     status, exit_code = "finished", 0

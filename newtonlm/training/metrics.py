@@ -2,7 +2,8 @@
 
 Only rank 0 writes. ``metrics.jsonl`` holds one JSON object per logged optimizer step (``"kind":
 "train"``) and one per validation (``"kind": "val"``; the one at the end of a run has ``"final":
-true``). On resume the file is cut back to the records up to the resumed step, final validation
+true``), and events (``"kind": "event"``, ``"event": <name>``, e.g. a corrupt checkpoint skipped at
+resume). On resume the file is cut back to the records up to the resumed step, final validation
 excepted, so it always tells one consistent history. :class:`RunLog` sends each record to all
 three outputs.
 
@@ -168,6 +169,11 @@ class RunLog:
                             **({"final": True} if final else {}), **val})
         if self.wandb is not None:
             self.wandb.log({"step": step, **val})
+
+    def event(self, name: str, step: int, **fields) -> None:
+        """Something that happened to the run, not a measurement (metrics.jsonl only), e.g.
+        ``skipped_corrupt_checkpoint`` with the checkpoint and the reason."""
+        self.metrics.write({"kind": "event", "event": name, "step": step, **fields})
 
     def close(self) -> None:
         self.progress.close()
