@@ -5,7 +5,7 @@ dict per run with ``arch``, ``size``, ``parameters``, ``val_curve`` [(tokens, va
 and ``long``, the
 perplexity results at the training length and at several times it) and writes one figure.
 Colours mark the architecture, line styles / markers the size. Synthetic suite:
-:func:`accuracy_vs_length`.
+:func:`accuracy_vs_length`. Scaling laws (``newtonlm.eval.scaling``): :func:`scaling_fit`.
 """
 
 from __future__ import annotations
@@ -122,6 +122,37 @@ def accuracy_vs_length(rows: list[dict], max_train_len: int, path: Path) -> None
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def scaling_fit(points: dict, unfinished: list, curves: dict, crossings: list, xlabel: str,
+                path: Path) -> None:
+    """Scaling laws: loss against compute or parameters (log x), each architecture's finished runs
+    (``points``: arch -> {x, y}) as filled markers, unfinished ones (``unfinished``: (arch, x, loss))
+    hollow, its fitted curve with the 95% bootstrap band (``curves``: arch -> {x, y, band [2, n] or
+    None}) and the crossings of the curves as dotted vertical lines."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arch, p in points.items():
+        color = COLORS.get(arch, "black")
+        ax.plot(p["x"], p["y"], "o", color=color, label=arch)
+        if arch in curves:
+            c = curves[arch]
+            ax.plot(c["x"], c["y"], "-", color=color, lw=1)
+            if c["band"] is not None:
+                ax.fill_between(c["x"], c["band"][0], c["band"][1], color=color, alpha=0.15, lw=0)
+    for arch, x, loss in unfinished:
+        ax.plot([x], [loss], "o", mfc="none", color=COLORS.get(arch, "black"))
+    for x in crossings:
+        ax.axvline(x, color="gray", lw=1, ls=":")
+    if unfinished:
+        ax.plot([], [], "o", mfc="none", color="gray", label="unfinished (not fitted)")
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
