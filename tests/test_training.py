@@ -47,6 +47,7 @@ def reference_run(tmp_path_factory, tok_cache):
     return run, proc
 
 
+@pytest.mark.slow
 def test_single_process_run_writes_config_metrics_and_checkpoints(reference_run):
     run, proc = reference_run
     assert (run / "config.yaml").is_file() and (run / "tokenizer" / "tokenizer.json").is_file()
@@ -71,6 +72,7 @@ def test_single_process_run_writes_config_metrics_and_checkpoints(reference_run)
     assert "step 4/4 (100%), loss " in proc.stderr and " tok/s, elapsed " in proc.stderr
 
 
+@pytest.mark.slow
 def test_preemption_then_resume_is_exact(tmp_path, tok_cache, reference_run):
     run = tmp_path / "run"
     interrupted = train(run, *COMMON, faults="sigterm@3", tok_cache=tok_cache)
@@ -82,6 +84,7 @@ def test_preemption_then_resume_is_exact(tmp_path, tok_cache, reference_run):
     assert losses(reference_run[0]) == losses(run)  # bit for bit (floats from JSON)
 
 
+@pytest.mark.slow
 def test_kill_during_save_leaves_previous_checkpoint(tmp_path, tok_cache, reference_run):
     run = tmp_path / "run"
     proc = train(run, *COMMON, faults="kill_in_save@4", tok_cache=tok_cache, check=False)
@@ -123,6 +126,7 @@ def launch(script, run_dir, *overrides, tok_cache, env, timeout=600):
     return wait_process(start_launch(script, run_dir, *overrides, tok_cache=tok_cache, env=env), timeout)
 
 
+@pytest.mark.slow
 def test_resume_is_exact_two_processes_zero2_across_launchers(tmp_path, tok_cache):
     """torchrun (launch/torchrun.sh) uninterrupted vs the deepspeed launcher (launch/
     deepspeed_hostfile.sh local) preempted at step 3 and resumed under torchrun: same losses."""
@@ -137,6 +141,7 @@ def test_resume_is_exact_two_processes_zero2_across_launchers(tmp_path, tok_cach
     assert a[-1][2] == 4 * 2 * 2 * 32  # tokens: steps x ranks x micro-batch x seq_len
 
 
+@pytest.mark.slow
 def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, tok_cache):
     run = tmp_path / "run"
     proc = train(run, "train.max_steps=8", "train.inject_nan_steps=[2,4,5]",
@@ -151,12 +156,14 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, tok_cac
     assert (run / "checkpoints" / "step_00000005" / "COMPLETE").is_file()
 
 
+@pytest.mark.slow
 def test_dead_rank_does_not_hang(tmp_path, tok_cache):
     proc = train(tmp_path / "run", "train.max_steps=6", "train.dist_timeout_s=60", nproc=2,
                  faults="exit@1:2", tok_cache=tok_cache, check=False, timeout=300)
     assert proc.returncode != 0
 
 
+@pytest.mark.slow
 def test_bad_override_on_the_command_line(tmp_path, tok_cache):
     proc = train(tmp_path / "run", "train.max_step=5", tok_cache=tok_cache, check=False, timeout=120)
     assert proc.returncode != 0 and "max_step" in proc.stderr
@@ -186,6 +193,7 @@ def test_bad_override_is_a_clear_error(override, message):
             build_model(cfg.model, 512)
 
 
+@pytest.mark.slow
 def test_bf16_autocast_activation_checkpointing_and_zero1(tmp_path, tok_cache):
     run = tmp_path / "run"
     train(run, "train.max_steps=3", "train.precision=bf16", "train.activation_checkpointing=true",
@@ -212,6 +220,7 @@ def _records_so_far(run):
     return out
 
 
+@pytest.mark.slow
 def test_slurm_template_checkpoints_requeues_and_resumes(tmp_path, tok_cache):
     """launch/slurm.sbatch under test doubles of srun and scontrol (tests/fake_slurm; the srun double
     handles signals like srun: SIGTERM kills the tasks, SIGUSR1 is forwarded). 2 tasks. The
@@ -268,6 +277,7 @@ def _close_losses(a, b, rtol):
         assert abs(la - lb) <= rtol * abs(la), (a, b)
 
 
+@pytest.mark.slow
 def test_torch_compile_matches_eager(tmp_path, tok_cache, reference_run):
     """train.compile=true (torch.compile through the DeepSpeed engine, inductor on CPU; the Newton
     solver is a graph break): the same losses as the eager reference run, to float32 round-off."""
@@ -277,6 +287,7 @@ def test_torch_compile_matches_eager(tmp_path, tok_cache, reference_run):
     _close_losses(losses(reference_run[0]), losses(run), 1e-5)
 
 
+@pytest.mark.slow
 def test_optimizer_offload_zero2_matches_zero0(tmp_path, tok_cache, reference_run):
     """train.offload_optimizer=true with ZeRO-2: DeepSpeed's CPU Adam (compiled by DeepSpeed on
     first use, then cached) gives the losses of the ZeRO-0 torch AdamW reference run."""
@@ -309,6 +320,7 @@ def test_cuda_device_index_for_local_rank():
         cuda_device_index(4, 2)
 
 
+@pytest.mark.slow
 def test_resume_from_an_older_checkpoint_needs_overwrite_for_the_later_ones(tmp_path, tok_cache,
                                                                             reference_run):
     import shutil
@@ -327,6 +339,7 @@ def test_resume_from_an_older_checkpoint_needs_overwrite_for_the_later_ones(tmp_
     assert (run / "checkpoints" / "latest").read_text() == "step_00000004"
 
 
+@pytest.mark.slow
 def test_stop_request_ignores_a_second_notice_but_not_a_late_ctrl_c():
     """Launchers send two notices at once (SIGINT then SIGTERM): one checkpoint, no abrupt exit.
     A second Ctrl-C after the grace period ends the process."""
@@ -363,6 +376,7 @@ def test_metrics_log_resume_drops_later_records_and_a_torn_line(tmp_path):
         {"kind": "train", "step": 3, "loss": None}]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_notice_to_the_whole_process_group_checkpoints(tmp_path, tok_cache, sig):
     """Ctrl-C in a terminal, Kubernetes or Slurm signal every process of the job, the data-loader
@@ -426,6 +440,7 @@ def _wandb_history(run_dir) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 def test_wandb_offline_logs_every_step_also_after_a_resume(tmp_path, tok_cache):
     """wandb=offline: one wandb run id across a preemption, every step logged with the trainer's
     step as its x-axis (read back from wandb's run files)."""

@@ -366,3 +366,30 @@ def test_a_save_past_the_file_size_limit_reports_and_keeps_the_last_good_checkpo
             "resumes from it)") in proc.stderr
     assert not (folder / "COMPLETE").exists()
     assert (run / "checkpoints" / "latest").read_text() == "step_00000004"
+
+
+@pytest.mark.slow
+def test_a_resume_with_another_learning_rate_and_length_follows_the_new_schedule(trained, tmp_path):
+    """train.lr and train.max_steps may change on resume and take effect at once: the rates of the
+    resumed steps are those of the new settings' schedule (built here from step 0), and the new
+    rate reaches the optimizer (the same weights at step 4, another update at step 5)."""
+    import torch
+    from test_training import COMMON, records, train
+
+    from newtonlm.training.optim import build_scheduler
+
+    runs = {}
+    for lr in (3e-3, 3e-2):  # 3e-3: the checkpoint's own rate (configs/train/demo.yaml)
+        runs[lr] = copy_run(trained, tmp_path / str(lr))
+        train(runs[lr], *COMMON, "train.max_steps=6", f"train.lr={lr}", tok_cache=trained[1])
+    for lr, run in runs.items():
+        reference = build_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr),
+                                    TrainConfig(lr=lr, max_steps=6), 6)
+        rates = []
+        for _ in range(6):
+            rates.append(reference.get_last_lr()[0])
+            reference.optimizer.step()
+            reference.step()
+        assert [r["lr"] for r in records(run)][4:] == pytest.approx(rates[4:], rel=1e-12)
+    low, high = (records(runs[lr]) for lr in (3e-3, 3e-2))
+    assert low[4]["loss"] == high[4]["loss"] and low[5]["loss"] != high[5]["loss"]
