@@ -184,6 +184,11 @@ def test_malformed_or_unknown_manifests_are_errors(tmp_path, tokenizers):
     marker.write_text(json.dumps({**manifest, "format": 3}))
     with pytest.raises(ex.ExportError, match="manifest of format 3; this newtonlm reads formats 1 and 2"):
         source.read_checkpoint(run)
+    marker.write_text(json.dumps(manifest)[:40])  # a damaged manifest is not taken for an old marker
+    with pytest.raises(ex.ExportError, match=f"the marker {marker} is unreadable .*JSONDecodeError"):
+        source.read_checkpoint(run)
+    marker.write_text("")  # `touch COMPLETE`: a bare flag, read unverified
+    assert "was written before checkpoint manifests" in source.read_checkpoint(run).notes[0]
 
 
 def test_old_checkpoints_are_read_unverified_with_notes(tmp_path, tokenizers, capsys):

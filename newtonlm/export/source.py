@@ -94,13 +94,16 @@ def read_manifest(tag_dir: Path) -> dict | None:
     """The manifest in ``tag_dir``'s ``COMPLETE`` marker: ``{"format": 2, "step", "world_size",
     "tokenizer_fingerprint", "config", "files": {relative path: {"size": int, "crc32": 8 hex digits or
     None}}}`` as the trainer writes it (``newtonlm/training/checkpoint.py``); ``None`` for a marker
-    of format 1 (written before manifests: ``{"step", "time"}``, or not JSON at all), which is
-    accepted unverified. A manifest of another format, or with malformed entries, is an error."""
+    of format 1 (written before manifests: ``{"step", "time"}``; or an empty file), which is accepted
+    unverified. A marker that is not JSON (a damaged manifest: every trainer wrote JSON), a manifest
+    of another format or with malformed entries is an error."""
     marker = Path(tag_dir) / MARKER
     try:
-        data = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None  # an old marker (format 1 was never more than a flag); the loaders still check the files
+        text = marker.read_text(encoding="utf-8")
+        data = json.loads(text) if text.strip() else None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CorruptCheckpoint(f"the marker {marker} is unreadable ({type(err).__name__}: {err}); expected "
+                                "the checkpoint's JSON manifest: the folder is damaged") from err
     if not isinstance(data, dict) or data.get("format", 1) == 1:
         return None
     if data["format"] != MANIFEST_FORMAT:
@@ -116,9 +119,9 @@ def read_manifest(tag_dir: Path) -> dict | None:
             crc = entry.get("crc32") if isinstance(entry, dict) else None
             if rel.is_absolute() or ".." in rel.parts or not isinstance(entry, dict) or \
                     not isinstance(entry.get("size"), int) or isinstance(entry.get("size"), bool) or \
-                    not (crc is None or (isinstance(crc, str) and re.fullmatch(r"[0-9a-f]{8}", crc))):
+                    not (crc is None or (isinstance(crc, str) and re.fullmatch(r"[0-9a-fA-F]{8}", crc))):
                 bad = (f"entry {name!r}: {entry!r}; expected a path inside the folder with "
-                       '{"size": int, "crc32": 8 lowercase hex digits or null}')
+                       '{"size": int, "crc32": 8 hex digits or null}')
                 break
     if bad:
         raise ExportError(f"the manifest {marker} is malformed ({bad}); the checkpoint cannot be verified")
@@ -137,7 +140,7 @@ def file_crc32(path: Path) -> str:
 def verify_files(tag_dir: Path, manifest: dict) -> None:
     """Check that every file the manifest lists exists in ``tag_dir`` with its size, and its crc32
     where one is given (sizes of all files first: a cheap check before reading any file whole).
-    Raises :class:`ExportError` naming each bad file with the expected and the found value."""
+    Raises :class:`CorruptCheckpoint` naming each bad file with the expected and the found value."""
     tag_dir = Path(tag_dir)
     problems = []
     sized = []
@@ -152,7 +155,7 @@ def verify_files(tag_dir: Path, manifest: dict) -> None:
             sized.append((file, entry))
     if not problems:
         for file, entry in sized:
-            if entry.get("crc32") and (crc := file_crc32(file)) != entry["crc32"]:
+            if entry.get("crc32") and (crc := file_crc32(file)) != entry["crc32"].lower():
                 problems.append(f"{file} has crc32 {crc}, the manifest records {entry['crc32']} (its "
                                 "bytes changed after the save)")
     if problems:
