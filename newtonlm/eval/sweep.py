@@ -63,14 +63,14 @@ class SweepSize(SizeConfig):
     """A size: ``preset`` + ``overrides`` (SizeConfig), its learning rate and batch
     (``micro_batch_size`` sequences per rank and micro-step, ``grad_accum`` micro-steps), its
     resources (``nodes`` x ``ranks_per_node`` processes, one per GPU) and more trainer overrides
-    (``train``, applied after the sweep's)."""
+    (``trainer``, applied after the sweep's)."""
 
     lr: float = 3e-3
     micro_batch_size: int = 8
     grad_accum: int = 1
     nodes: int = 1
     ranks_per_node: int = 1
-    train: list[str] = field(default_factory=list)
+    trainer: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -125,8 +125,10 @@ class SlurmSettings:
 class SweepConfig:
     """``archs`` x ``sizes`` (label -> SweepSize, smallest first); ``seq_len``; ``vocab_size`` of the
     plan (0: the data config's trained BPE size, rounded up to 64 as the trainer does); ``budget``;
-    ``data`` (data overrides, e.g. ``data=slimpajama``) and ``train`` (trainer overrides shared by every
-    run: schedule, precision, ...); ``eval``; ``hardware`` (the estimate). Execution: ``sweep_dir``,
+    ``trainer``: Hydra overrides of the trainer shared by every run (data, schedule, precision, ...,
+    e.g. ``data=slimpajama``, ``train=cluster``); ``evaluation``; ``hardware`` (the estimate).
+    (``trainer`` and ``evaluation`` are not called ``train`` / ``eval``: those name config groups,
+    which Hydra would take a list override of for a group choice.) Execution: ``sweep_dir``,
     ``backend`` (local | slurm | hostfile), ``launcher`` (local: command prefix of the trainer; empty:
     this Python, or launch/torchrun.sh for several ranks), ``hostfile`` (a DeepSpeed hostfile, or
     ``local``), ``slurm``, ``threads`` (OMP_NUM_THREADS of local runs; 0: unset), ``stage`` (all |
@@ -138,9 +140,8 @@ class SweepConfig:
     seq_len: int = 256
     vocab_size: int = 0
     budget: Budget = field(default_factory=Budget)
-    data: list[str] = field(default_factory=lambda: ["data=shakespeare"])
-    train: list[str] = field(default_factory=list)
-    eval: EvalSettings = field(default_factory=EvalSettings)
+    trainer: list[str] = field(default_factory=lambda: ["data=shakespeare"])
+    evaluation: EvalSettings = field(default_factory=EvalSettings)
     hardware: Hardware = field(default_factory=Hardware)
     sweep_dir: str = "runs/sweep/${name}"
     backend: str = "local"
@@ -181,6 +182,11 @@ class Run:
 
 # ---- the plan -------------------------------------------------------------------------------------
 
+def _key(override: str) -> str:
+    """The key of a Hydra override (``+a.b=1`` -> ``a.b``)."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def check(cfg: SweepConfig) -> None:
     """Value checks before anything runs: ValueError naming the field and what is expected."""
     def need(cond, what, expected):
@@ -200,22 +206,22 @@ def check(cfg: SweepConfig) -> None:
         for key in ("micro_batch_size", "grad_accum", "nodes", "ranks_per_node"):
             need(getattr(s, key) >= 1, f"sizes.{label}.{key}={getattr(s, key)}", "a positive integer")
         need(s.lr > 0, f"sizes.{label}.lr={s.lr}", "> 0")
-    for o in cfg.data:
-        need(o.split("=", 1)[0].lstrip("+~").split(".")[0] == "data", f"data contains {o!r}",
-             "data overrides only (data=<name>, data.<field>=<value>)")
-    lists = [("train", cfg.train), *((f"sizes.{k}.train", s.train) for k, s in cfg.sizes.items())]
+    lists = [("trainer", cfg.trainer), *((f"sizes.{k}.trainer", s.trainer) for k, s in cfg.sizes.items())]
     for where, overrides in lists:
         for o in overrides:
-            key = o.split("=", 1)[0].lstrip("+~")
-            need(key not in SET_BY_SWEEP and key.split(".")[0] not in ("data", "model"),
-                 f"{where} contains {o!r}", "no key the sweep sets itself (seq_len; sizes.<size>.lr, "
-                 "micro_batch_size, grad_accum; budget; sweep_dir) and no data or model override (they go "
-                 "in data and sizes.<size>.overrides)")
+            key = _key(o)
+            need("=" in o and key not in SET_BY_SWEEP and key.split(".")[0] != "model",
+                 f"{where} contains {o!r}", "key=value trainer overrides without the keys the sweep sets "
+                 "itself (seq_len; sizes.<size>.lr, micro_batch_size, grad_accum; budget; sweep_dir) and "
+                 "without model overrides (they go in sizes.<size>.overrides)")
+            need(where == "trainer" or key.split(".")[0] != "data", f"{where} contains {o!r}",
+                 "the data in the sweep's trainer list (every run reads the same data)")
     need(cfg.backend in BACKENDS, f"backend={cfg.backend!r}", f"one of {BACKENDS}")
     need(cfg.stage in STAGES, f"stage={cfg.stage!r}", f"one of {STAGES}")
     need(cfg.backend != "hostfile" or bool(cfg.hostfile), "backend=hostfile without hostfile",
          "hostfile=<a DeepSpeed hostfile> or hostfile=local")
-    need(cfg.eval.factor >= 1, f"eval.factor={cfg.eval.factor}", ">= 1 (a multiple of the training length)")
+    need(cfg.evaluation.factor >= 1, f"evaluation.factor={cfg.evaluation.factor}",
+         ">= 1 (a multiple of the training length)")
     h = cfg.hardware
     need(h.peak_flops > 0, f"hardware.peak_flops={h.peak_flops}", "> 0 (FLOP/s of one device)")
     for arch, m in {"(all)": h.mfu, **h.mfu_by_arch}.items():
@@ -229,7 +235,7 @@ def plan_vocab(cfg: SweepConfig) -> tuple[int, str]:
         return cfg.vocab_size, "vocab_size of the sweep config"
     from newtonlm.data import compose_data_config
 
-    tok = compose_data_config(cfg.data).tokenizer
+    tok = compose_data_config([o for o in cfg.trainer if _key(o).split(".")[0] == "data"]).tokenizer
     if tok.pretrained:
         raise ValueError(f"the data config uses the pretrained tokenizer {tok.pretrained!r}; set vocab_size="
                          "<its size rounded up to 64> in the sweep config (the plan does not download it)")
@@ -239,10 +245,10 @@ def plan_vocab(cfg: SweepConfig) -> tuple[int, str]:
 def trainer_overrides(cfg: SweepConfig, arch: str, size: str, budget_tokens: int) -> list[str]:
     """The trainer's Hydra overrides of one run, without its run directory."""
     s = cfg.sizes[size]
-    return [f"model={arch}_{s.preset}", *(f"model.{o}" for o in override_list(s, arch)), *cfg.data,
+    return [f"model={arch}_{s.preset}", *(f"model.{o}" for o in override_list(s, arch)),
             f"train.seq_len={cfg.seq_len}", f"train.lr={s.lr}",
             f"train.micro_batch_size={s.micro_batch_size}", f"train.grad_accum={s.grad_accum}",
-            f"train.max_tokens={budget_tokens}", *cfg.train, *s.train]
+            f"train.max_tokens={budget_tokens}", *cfg.trainer, *s.trainer]
 
 
 def make_plan(cfg: SweepConfig, vocab: int) -> list[Run]:
@@ -329,7 +335,7 @@ def differences(old: dict, new: dict) -> list[str]:
 
 def run_spec(cfg: SweepConfig, run: Run) -> dict:
     """What identifies a run's results: its trainer overrides and evaluation settings."""
-    return {"overrides": run.overrides, "eval": asdict(cfg.eval)}
+    return {"overrides": run.overrides, "evaluation": asdict(cfg.evaluation)}
 
 
 class SweepDir:
@@ -458,7 +464,7 @@ def local_command(cfg: SweepConfig, run: Run, run_dir: Path) -> tuple[list[str],
 
 def needs_eval(cfg: SweepConfig, run_dir: Path) -> bool:
     """A finished run whose ``eval.json`` is missing or scored another step."""
-    if not cfg.eval.enabled or not finished(run_dir):
+    if not cfg.evaluation.enabled or not finished(run_dir):
         return False
     steps = [r["step"] for r in read_metrics(run_dir) if r.get("kind") == "train"]
     path = run_dir / "eval.json"
@@ -499,8 +505,8 @@ def run_local(cfg: SweepConfig, runs: list[Run], sd: SweepDir) -> dict[str, str]
                 sd.end_attempt(run.name, result="finished", seconds=seconds)
                 outcome[run.name] = f"{how} in {seconds:.0f} s"
             if cfg.stage != "train" and needs_eval(cfg, run_dir):
-                ev = evaluate_run(run_dir, cfg.eval.data, cfg.eval.batch_size, cfg.eval.max_tokens,
-                                  cfg.eval.factor)
+                e = cfg.evaluation
+                ev = evaluate_run(run_dir, e.data, e.batch_size, e.max_tokens, e.factor)
                 outcome[run.name] += f"; evaluated: ppl {ev['short']['ppl']:.2f}"
     return outcome
 
@@ -517,7 +523,7 @@ def _sbatch(args: list[str]) -> str:
 def eval_command(argv: list[str], sd: SweepDir, name: str) -> list[str]:
     """This command line turned into the evaluation of run ``name`` alone, on this machine."""
     own = ("backend", "stage", "only", "dry_run", "extend", "sweep_dir")
-    keep = [a for a in argv if a.split("=", 1)[0].lstrip("+~") not in own]
+    keep = [a for a in argv if _key(a) not in own]
     return [sys.executable, "-m", "newtonlm.eval.sweep", *keep, "backend=local", "stage=eval",
             f"only=[{name}]", f"sweep_dir={sd.path}"]
 
@@ -542,7 +548,7 @@ def submit_slurm(cfg: SweepConfig, runs: list[Run], sd: SweepDir, argv: list[str
     script = (SRC / cfg.slurm.script).resolve()
     if not script.is_file():
         raise ValueError(f"slurm.script={cfg.slurm.script!r}: {script} does not exist")
-    want_eval = cfg.stage != "train" and cfg.eval.enabled
+    want_eval = cfg.stage != "train" and cfg.evaluation.enabled
     outcome = {}
     with sd.lock("submit") as held:
         if held is None:
@@ -578,7 +584,7 @@ def submit_slurm(cfg: SweepConfig, runs: list[Run], sd: SweepDir, argv: list[str
                 job = _sbatch([*opts, *cfg.slurm.options, str(script), *run.overrides])
                 sd.add_attempt(run.name, kind="train", backend="slurm", job_id=job)
                 outcome[run.name] = f"submitted job {job}"
-                if cfg.stage == "all" and cfg.eval.enabled:
+                if cfg.stage == "all" and cfg.evaluation.enabled:
                     outcome[run.name] += f", evaluation job {submit_eval(cfg, sd, run.name, argv, after=job)}"
     return outcome
 
