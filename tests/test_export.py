@@ -728,7 +728,7 @@ def test_missing_partial_and_corrupt_checkpoints_are_clear_errors(runs, tmp_path
     assert f"{ck / 'mp_rank_00_model_states.pt'}" in err
     assert (f"has {len(data) // 2:,} bytes, the manifest records {len(data):,} (truncated)" if manifests
             else "corrupt or truncated") in err
-    assert "the newest intact checkpoint is step_00000001, export it with --step 1" in err or not manifests
+    assert "the newest intact checkpoint is step_00000001, pass --step 1 to use it" in err or not manifests
     ck = _damaged_copy(runs["llama"], tmp_path / "shard")
     (ck / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     err = _fails(capsys, "--checkpoint", tmp_path / "shard", "--out", out)

@@ -137,7 +137,7 @@ def test_an_intact_checkpoint_passes_and_each_damage_is_named(tmp_path, tokenize
         source.read_checkpoint(run, step=2)
     found = f"{zlib.crc32(bytes(damaged)):08x}"
     assert f"{file} has crc32 {found}, the manifest records {expected}" in str(err.value)
-    assert "other steps: 1; export one of them with --step N" in str(err.value)
+    assert "other steps: 1; choose one of them with --step N" in str(err.value)
     # truncated (the COMPLETE marker present, as after a storage fault or a bad copy)
     file.write_bytes(original)
     size, half = truncate(file)
@@ -145,8 +145,8 @@ def test_an_intact_checkpoint_passes_and_each_damage_is_named(tmp_path, tokenize
     err = export_fails(capsys, run, out)
     assert f"checkpoint {tag_dir} is corrupt: {file} has {half:,} bytes, the manifest records {size:,} " \
            "(truncated)" in err
-    assert "step_00000002 is the newest complete checkpoint; export does not fall back to an older one on " \
-           "its own: the newest intact checkpoint is step_00000001, export it with --step 1" in err
+    assert "step_00000002 is the newest complete checkpoint, and an older one is never used in its place " \
+           "silently: the newest intact checkpoint is step_00000001, pass --step 1 to use it" in err
     # that advice works; the damaged folder was never touched
     assert ex.main(["--checkpoint", str(run), "--out", str(out), "--step", "1"]) == 0
     assert "| checkpoint | step 1 (`step_00000001`) |" in (out / "README.md").read_text()
@@ -163,7 +163,7 @@ def test_no_intact_checkpoint_left_is_said(tmp_path, tokenizers):
         truncate(run / "checkpoints" / source.tag_for(step) / STATES)
     with pytest.raises(ex.ExportError) as err:
         source.read_checkpoint(run)
-    assert "the newest intact checkpoint is step_00000002, export it with --step 2" in str(err.value)
+    assert "the newest intact checkpoint is step_00000002, pass --step 2 to use it" in str(err.value)
     truncate(run / "checkpoints" / "step_00000002" / STATES)
     with pytest.raises(ex.ExportError) as err:
         source.read_checkpoint(run)

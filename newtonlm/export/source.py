@@ -329,13 +329,12 @@ def _instead(root: Path, tag: str, automatic: bool) -> str:
     older = [(s, t) for s, t in complete_checkpoints(root) if s < step]
     if not automatic:
         others = [(s, t) for s, t in complete_checkpoints(root) if s != step]
-        return f"complete checkpoints at other steps: {_steps(others)}; export one of them with --step N"
-    head = (f"{tag} is the newest complete checkpoint; export does not fall back to an older one on its "
-            "own")
+        return f"complete checkpoints at other steps: {_steps(others)}; choose one of them with --step N"
+    head = f"{tag} is the newest complete checkpoint, and an older one is never used in its place silently"
     for s, t in reversed(older):
         ok = intact(root / t)
         if ok:
-            return f"{head}: the newest intact checkpoint is {t}, export it with --step {s}"
+            return f"{head}: the newest intact checkpoint is {t}, pass --step {s} to use it"
         if ok is None:
             return (f"{head}: the previous complete checkpoint is {t} (written before checkpoint manifests, "
                     f"so it cannot be verified without loading it): try --step {s}")
