@@ -177,6 +177,9 @@ def test_verify_names_each_damaged_file_with_what_was_expected(tmp_path):
     assert ck.verify("step_00000100").startswith(f"{marker} is unreadable (JSONDecodeError")
     (root / "step_00000100" / MARKER).write_text(json.dumps({"format": 3, "files": {}}))
     assert ck.verify("step_00000100").endswith("has format 3; this newtonlm reads format 2")
+    (root / "step_00000100" / MARKER).write_text(json.dumps({"format": 2, "files": {"a": {"crc32": None}}}))
+    assert ck.verify("step_00000100") == (f"{marker} is a malformed manifest: expected \"files\": {{path: "
+                                          '{"size": int, "crc32": 8 hex digits or null}}')
 
 
 @pytest.mark.parametrize("keep_last", [1, 2, 3])

@@ -243,9 +243,14 @@ class Checkpoints:
                                   "JSON manifest")
         if "format" not in marker:
             return None  # format 1: {"step", "time"}
-        if marker["format"] != FORMAT or not isinstance(marker.get("files"), dict):
+        if marker["format"] != FORMAT:
             raise CheckpointError(f"{path} has format {marker['format']!r}; this newtonlm reads "
                                   f"format {FORMAT}")
+        files = marker.get("files")
+        if not isinstance(files, dict) or not all(isinstance(f, dict) and isinstance(f.get("size"), int)
+                                                  for f in files.values()):
+            raise CheckpointError(f"{path} is a malformed manifest: expected \"files\": {{path: {{\"size\": "
+                                  "int, \"crc32\": 8 hex digits or null}}")
         return marker
 
     def size(self, tag: str) -> int:
