@@ -102,9 +102,9 @@ class ParaRNN(nn.Module):
         if self.init_scheme == "reference":
             # the reference's base class fills every parameter first and its cell overwrites them:
             # drawn (and discarded) only so that a seed gives the reference's tensors
-            for p in self.parameters():
+            for p in self.parameters(recurse=False):
                 p.uniform_(-1.0 / math.sqrt(N), 1.0 / math.sqrt(N))
-        for name, p in self.named_parameters():  # registration order = the reference's draw order
+        for name, p in self.named_parameters(recurse=False):  # registration order = the reference's draws
             if name == "B":
                 if self.init_scheme == "reference":
                     fan_in, fan_out = _reference_b_fans(self.cell, D, N, H)
@@ -115,7 +115,7 @@ class ParaRNN(nn.Module):
             elif name == "b":
                 p.zero_()
                 if self.init_scheme == "reference":
-                    p[0] = -torch.linspace(0, 1, N)
+                    p[0] = -torch.linspace(0, 1, N, device=p.device, dtype=p.dtype)
             else:  # recurrent: xLSTM-style N(0, (2/sqrt(5N))^2)
                 p.normal_(0.0, 2.0 / math.sqrt(5 * N))
                 if self.a_max is not None:

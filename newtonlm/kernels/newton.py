@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import cpu_ext
 from .cells import DIAG, GRUCell, LSTMCell
 from .scan import Path, choose_path, linear_scan
 
@@ -252,8 +253,6 @@ def sequential_forward(cell, u, params, h0=None, fused: str | None = None) -> to
     :func:`~newtonlm.kernels.scan.choose_path`), otherwise a preallocated PyTorch loop over
     ``cell.step``."""
     if fused == "c":
-        from . import cpu_ext
-
         if type(cell) is GRUCell:
             return cpu_ext.gru_sequential(u, params[0], h0)
         return cpu_ext.lstm_sequential(u, params[0], params[1], h0)
