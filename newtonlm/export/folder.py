@@ -144,6 +144,7 @@ def build_exported_model(ckpt: Checkpoint, tokenizer, dtype: str):
     from transformers import GenerationConfig
 
     from newtonlm.data import vocab_size_for_model
+    from newtonlm.kernels import accept_clamped_weights
     from newtonlm.models import build_model
 
     where = ckpt.run_dir / TOKENIZER_DIR
@@ -163,7 +164,10 @@ def build_exported_model(ckpt: Checkpoint, tokenizer, dtype: str):
                 f"{ckpt.path} has {rows} rows: this tokenizer is not the one the model was trained with (a "
                 "swapped or retrained tokenizer folder). Put the run's original tokenizer back")
     try:
-        model.load_state_dict(ckpt.state_dict, strict=True)
+        # trained raw A/C may drift past a_max (the clamp in every forward is part of this model);
+        # consolidated ZeRO weights lack the metadata that says so
+        with accept_clamped_weights():
+            model.load_state_dict(ckpt.state_dict, strict=True)
     except RuntimeError as err:
         raise ExportError(f"the weights of {ckpt.path} do not fit the {ckpt.arch} model built from its saved "
                           f"config (vocabulary {vocab} from the run's tokenizer): {err}") from err

@@ -58,9 +58,11 @@ class ParaRNNConfig(PreTrainedConfig):
         cell_mode: solver of the recurrence, one of ``newtonlm.kernels.MODES`` ("auto" picks the
             fastest path of the device: a compiled sequential loop + adjoint backward on CPU, the
             fused Newton kernels on CUDA).
-        newton_max_iters, newton_tol, newton_fallback: ``NewtonConfig`` of the Newton modes
-            (max_iters 3 as the reference; tol None = always run max_iters; a non-converged solve
-            falls back to sequential application, counted in the telemetry).
+        newton_max_iters, newton_max_extra_iters, newton_tol, newton_fallback: ``NewtonConfig`` of
+            the Newton modes (max_iters 3 as the reference; up to max_extra_iters more while the
+            residual keeps at least halving; tol None = no early stop; a result is accepted at the
+            dtype's precision; one still not converged falls back to sequential application,
+            counted in the telemetry).
         cell_init: "lm" (as in the reproductions' LM training: A, C ~ N(0, (2/sqrt(5N))^2), B
             kaiming-uniform, biases 0) or "reference" (the ParaRNN code: B xavier-uniform, first bias
             row -linspace(0, 1, N)).
@@ -86,6 +88,7 @@ class ParaRNNConfig(PreTrainedConfig):
     cell: str = "gru"
     cell_mode: str = "auto"
     newton_max_iters: int = 3
+    newton_max_extra_iters: int = 3
     newton_tol: float | None = None
     newton_fallback: str = "sequential"
     cell_init: str = "lm"
@@ -137,7 +140,8 @@ class ParaRNNConfig(PreTrainedConfig):
         return ["linear_attention"] * self.num_hidden_layers
 
     def newton_config(self) -> NewtonConfig:
-        return NewtonConfig(max_iters=self.newton_max_iters, tol=self.newton_tol,
+        return NewtonConfig(max_iters=self.newton_max_iters, max_extra_iters=self.newton_max_extra_iters,
+                            tol=self.newton_tol,
                             fallback=self.newton_fallback)
 
 

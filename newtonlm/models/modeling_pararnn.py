@@ -38,7 +38,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 
-from newtonlm.kernels import ParaGRU, ParaLSTM, ParaRNN
+from newtonlm.kernels import ParaGRU, ParaLSTM, ParaRNN, newton_telemetry
 
 from .configuration_pararnn import ParaGRUConfig, ParaLSTMConfig, ParaRNNConfig
 
@@ -59,8 +59,7 @@ class ParaRNNRMSNorm(nn.Module):
 class _CausalConvFunction(torch.autograd.Function):
     """y_t = bias + sum_j w[:, j] * xp_{t+j} over xp = [past; x] ``[B, T+k-1, C]``, with a
     hand-written backward: autograd through k shifted slices zero-fills and accumulates a full
-    gradient buffer per tap, which on CPU doubled the convolution's time (25 ms -> 12 ms forward +
-    backward at [2, 2048, 256], one thread)."""
+    gradient buffer per tap, which on CPU doubled the convolution's time (measured: docs/models.md)."""
 
     @staticmethod
     def forward(ctx, xp, weight, bias):
@@ -299,28 +298,16 @@ class ParaRNNForCausalLM(ParaRNNPreTrainedModel, GenerationMixin):
         """The ParaRNN cell of every block, in order."""
         return [layer.mixer.cell for layer in self.model.layers]
 
-    def newton_stats(self, reset: bool = False) -> dict[str, float]:
-        """Newton telemetry of the solver calls since the last reset, per layer and aggregated:
-        ``newton/layer{i}/{iterations,residual,fallbacks}`` (last call's iterations and residual,
-        fallbacks summed) and ``newton/{mean_iterations,max_residual,fallbacks,calls}`` over layers.
-        On CPU the "auto" mode applies the cell sequentially (0 Newton iterations, residual 0)."""
-        out, per_layer = {}, []
-        for i, cell in enumerate(self.cells()):
-            s = cell.stats.as_dict()
-            per_layer.append(s)
-            out[f"newton/layer{i}/iterations"] = float(s["iterations"])
-            out[f"newton/layer{i}/residual"] = float(s["residual"])
-            out[f"newton/layer{i}/fallbacks"] = float(s["fallbacks"])
-            if reset:
+    def newton_stats(self, reset: bool = False) -> dict:
+        """Newton telemetry of the solver calls since the last reset, per layer and over layers, as
+        flat ``newton/...`` keys (``newtonlm.kernels.newton_telemetry``): which path answered each
+        call (Newton, the sequential path by choice, a fallback after Newton was rejected), Newton's
+        iterations, extra iterations, last residual and its per-iteration history, and the fallback
+        rate. On CPU the "auto" mode applies the cell sequentially: no Newton, no residual."""
+        out = newton_telemetry([cell.stats for cell in self.cells()])
+        if reset:
+            for cell in self.cells():
                 cell.stats.reset()
-        calls = sum(s["calls"] for s in per_layer)
-        total_iters = sum(s["mean_iterations"] * s["calls"] for s in per_layer)
-        out["newton/calls"] = float(calls)
-        out["newton/mean_iterations"] = total_iters / calls if calls else 0.0
-        residuals = [float(s["max_residual"]) for s in per_layer]
-        out["newton/max_residual"] = (float("nan") if any(math.isnan(r) for r in residuals)
-                                      else max(residuals, default=0.0))
-        out["newton/fallbacks"] = float(sum(s["fallbacks"] for s in per_layer))
         return out
 
 
