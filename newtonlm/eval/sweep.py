@@ -506,7 +506,11 @@ def run_local(cfg: SweepConfig, runs: list[Run], sd: SweepDir) -> dict[str, str]
                 outcome[run.name] = f"{how} in {seconds:.0f} s"
             if cfg.stage != "train" and needs_eval(cfg, run_dir):
                 e = cfg.evaluation
-                ev = evaluate_run(run_dir, e.data, e.batch_size, e.max_tokens, e.factor)
+                try:  # a run that cannot be evaluated is reported; the others go on
+                    ev = evaluate_run(run_dir, e.data, e.batch_size, e.max_tokens, e.factor)
+                except Exception as err:  # any error of loading or scoring
+                    outcome[run.name] += f"; evaluation failed: {type(err).__name__}: {err}"
+                    continue
                 outcome[run.name] += f"; evaluated: ppl {ev['short']['ppl']:.2f}"
     return outcome
 
@@ -628,7 +632,7 @@ def compose(overrides: list[str]) -> SweepConfig:
 
 def main(argv: list[str] | None = None) -> None:
     """The command. ``--dry-run`` is the override ``dry_run=true``; ``--cfg`` prints the composed
-    config; exit status 1 when a run failed, 2 for a configuration error."""
+    config; exit status 1 when a run's training or evaluation failed, 2 for a configuration error."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -650,7 +654,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, HydraException, OmegaConfBaseException) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    if any(v.startswith("failed") for v in outcome.values()):
+    if any("failed" in v for v in outcome.values()):
         sys.exit(1)
 
 
