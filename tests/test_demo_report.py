@@ -58,7 +58,8 @@ def test_next_commands_use_this_runs_paths(capsys):
     assert cmds[2][:2] == [py, "-c"]
     code = cmds[2][2]
     compile(code, "<load the export>", "exec")  # valid Python once the shell has unquoted it
-    assert 'from_pretrained("hf/paragru_demo-shakespeare", trust_remote_code=True)' in code
+    # both with trust_remote_code: the tokenizer's from_pretrained asks interactively otherwise
+    assert code.count('from_pretrained("hf/paragru_demo-shakespeare", trust_remote_code=True)') == 2
     assert 't("ROMEO:", return_tensors="pt")' in code
     assert cmds[3] == [py, "-m", "newtonlm.training.train", "model=llama_demo"]
     assert len(cmds) == 4

@@ -805,7 +805,7 @@ def _report(result: dict) -> None:
     out = here(str(Path("hf") / Path(result["run_dir"]).name))  # an export folder next to runs/
     prompt = result.get("sample_prompt") or "ROMEO:"
     load = (f"from transformers import AutoModelForCausalLM, AutoTokenizer; "
-            f"t = AutoTokenizer.from_pretrained({json.dumps(out)}); "
+            f"t = AutoTokenizer.from_pretrained({json.dumps(out)}, trust_remote_code=True); "
             f"m = AutoModelForCausalLM.from_pretrained({json.dumps(out)}, trust_remote_code=True); "
             f"ids = t({json.dumps(prompt)}, return_tensors=\"pt\").input_ids; "
             f"print(t.decode(m.generate(ids, max_new_tokens=60, do_sample=True, top_k=40)[0]))")
