@@ -80,7 +80,7 @@ def test_paper_preset_dry_run_against_direct_computation():
 ])
 def test_bad_configurations_are_named(tmp_path, override, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        sweep.check(compose(tmp_path, override))
+        compose(tmp_path, override)  # checked when composed
 
 
 def test_command_line_errors_exit_2(tmp_path, capsys):

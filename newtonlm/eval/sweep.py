@@ -444,6 +444,9 @@ def local_command(cfg: SweepConfig, run: Run, run_dir: Path) -> tuple[list[str],
     args = [*run.overrides, f"hydra.run.dir={run_dir}"]
     env = {"PY": sys.executable}
     if cfg.backend == "hostfile":
+        if cfg.hostfile != "local" and not Path(cfg.hostfile).is_file():
+            raise ValueError(f"hostfile={cfg.hostfile!r} does not exist; expected a DeepSpeed hostfile "
+                             "(lines '<host> slots=<GPUs>', see launch/hostfile.example) or 'local'")
         hosts = 1 if cfg.hostfile == "local" else len(
             [ln for ln in Path(cfg.hostfile).read_text().splitlines() if ln.split("#")[0].strip()])
         if hosts != s.nodes:
@@ -599,6 +602,7 @@ def sweep(cfg: SweepConfig, argv: list[str] = ()) -> dict[str, str]:
     """Print the plan; unless ``dry_run``, register the sweep directory and run the backend.
     ``argv``: the command line's overrides (repeated by the Slurm evaluation jobs). Returns run ->
     outcome (empty for a dry run)."""
+    check(cfg)
     vocab, note = plan_vocab(cfg)
     runs = make_plan(cfg, vocab)
     print(format_plan(cfg, runs, vocab, note), flush=True)
@@ -626,8 +630,9 @@ def compose(overrides: list[str]) -> SweepConfig:
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = hydra_compose("eval/sweep", overrides=list(overrides))
-    return OmegaConf.to_object(cfg)
+        cfg = OmegaConf.to_object(hydra_compose("eval/sweep", overrides=list(overrides)))
+    check(cfg)
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -651,7 +656,7 @@ def main(argv: list[str] | None = None) -> None:
             print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
             return
         outcome = sweep(cfg, overrides)
-    except (ValueError, HydraException, OmegaConfBaseException) as err:
+    except (ValueError, RuntimeError, HydraException, OmegaConfBaseException) as err:  # sbatch: RuntimeError
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     if any("failed" in v for v in outcome.values()):
