@@ -44,8 +44,9 @@ manifest. zlib's CRC-32 runs at about 1 GB/s per core (measured 1.0-1.1 GB/s on 
 ``.venv/bin/python -c "import zlib,os,time; b=os.urandom(1<<28); t=time.time(); zlib.crc32(b);
 print(256/(time.time()-t), 'MB/s')"``). At 7B parameters a checkpoint is ~112 GB (fp32 weights
 28 GB in the model-states file, Adam's fp32 master copy and two moments 84 GB in the optimizer
-shards): on 8 ranks with ZeRO 1-2, rank 0 checksums 28 + 10.5 GB (~40 s) while the others checksum
-their 10.5 GB shards (~10 s) in parallel, against a save that writes 112 GB (~1 min at 2 GB/s).
+shards): on 8 ranks with ZeRO 1-2, rank 0 checksums 28 + 10.5 GB (~28 s: its two files in parallel
+threads, ~40 s on one core) while the others checksum their 10.5 GB shards (~10 s) at the same time;
+under ZeRO-3 each rank has 14 GB (~14 s). The save itself writes 112 GB (~1 min at 2 GB/s).
 Verification at resume costs the same, for the checkpoint resumed from only. That is acceptable
 every few hundred steps for the guarantee it buys (a truncated or bit-flipped file is named before
 anything loads); all files are checksummed, because the weights file is the one whose corruption
