@@ -30,15 +30,16 @@ def compose(tmp_path, *overrides) -> sweep.SweepConfig:
     return sweep.compose(["sweep=smoke", f"sweep_dir={tmp_path / 'sw'}", "archs=[paragru,llama]", *overrides])
 
 
-def test_paper_preset_dry_run_against_direct_computation():
-    """``--dry-run`` of configs/sweep/pararnn_paper.yaml: every number of the printed plan from the
-    presets built on the meta device, the 20-tokens-per-parameter rule and the stated peak and MFU."""
-    proc = subprocess.run([sys.executable, "-m", "newtonlm.eval.sweep", "sweep=pararnn_paper", "--dry-run"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()
+def test_paper_preset_dry_run_against_direct_computation(capsys, monkeypatch, tmp_path):
+    """``--dry-run`` of configs/sweep/pararnn_paper.yaml (the command, in-process): every number of the
+    printed plan from the presets built on the meta device, the 20-tokens-per-parameter rule and the
+    stated peak and MFU."""
+    monkeypatch.chdir(tmp_path)  # the default sweep_dir is relative: a dry run must not create it
+    sweep.main(["sweep=pararnn_paper", "--dry-run"])
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
             if re.match(r"(paragru|paralstm|llama|mamba2)_\w+ ", line)}
-    assert len(rows) == 16 and "vocabulary 32000" in proc.stdout and "T = 2048" in proc.stdout
+    assert len(rows) == 16 and "vocabulary 32000" in out and "T = 2048" in out
     paper = OmegaConf.load(REPO / "configs" / "sweep" / "pararnn_paper.yaml")
     total_flops = 0.0
     for size, spec in paper.sizes.items():
@@ -63,8 +64,8 @@ def test_paper_preset_dry_run_against_direct_computation():
             assert float(h) == pytest.approx(device_hours / world, rel=1e-3)
             # the per-architecture formula against the 6 N D rule: attention adds at T = 2048
             assert 0.97 < flops / (6 * params["total"] * tokens) < 1.3
-    assert proc.stdout.splitlines()[-1].split()[-3] == f"{total_flops:.3e}"
-    assert not (REPO / "runs" / "sweep" / "pararnn_paper").exists()  # a dry run writes nothing
+    assert out.splitlines()[-1].split()[-3] == f"{total_flops:.3e}"
+    assert list(tmp_path.iterdir()) == []  # a dry run writes nothing
 
 
 @pytest.mark.parametrize("override, message", [

@@ -13,6 +13,10 @@ evaluated with the perplexity command's code on its held-out split twice: in seq
 training length (perplexity, bits per byte) and of ``eval_factor`` times it (the per-position
 curve). Outputs in ``out_dir``: ``results.md`` (table, command, machine), ``results.json`` and the
 figures of ``plots``. Configs: ``configs/eval/compare.yaml`` and ``configs/eval/scale/*.yaml``.
+
+The pieces that run and evaluate one trainer run (:func:`run_trainer`, :func:`evaluate_run`,
+:func:`finished`, :func:`read_metrics`, :func:`trainer_env`) are shared with ``newtonlm.eval.sweep``
+(the sweep: a token-budget rule, Slurm and hostfile backends, locks) and ``newtonlm.eval.scaling``.
 """
 
 from __future__ import annotations

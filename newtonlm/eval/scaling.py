@@ -297,6 +297,13 @@ def _g(x, spec: str = ".3g") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else \
+        f"{seconds / 3600:.1f} h"
+
+
 def _ci(v) -> str:
     return "-" if not v else f"[{v[0]:.3g}, {v[1]:.3g}]"
 
@@ -318,11 +325,11 @@ def markdown(runs: list[RunResult], result: dict, command: str) -> str:
     ]
     for r in runs:
         p = r.parameters or {}
-        minutes = None if r.train_seconds is None else r.train_seconds / 60
         lines.append(f"| {r.name} | {r.arch or '-'} | {r.status} | {_g(p.get('total'), ',')} | "
                      f"{_g(p.get('non_embedding'), ',')} | {_g(r.tokens, ',') if r.tokens else '-'} | "
                      f"{_g(r.flops)} | {_g(r.val_loss, '.4f')} | {_g(r.val_ppl, '.2f')} | "
-                     f"{_g(r.eval_loss, '.4f')} | {_g(r.bits_per_byte, '.4f')} | {_g(minutes, '.1f')} min |")
+                     f"{_g(r.eval_loss, '.4f')} | {_g(r.bits_per_byte, '.4f')} | "
+                     f"{_duration(r.train_seconds)} |")
     for axis, (unit, label) in AXES.items():
         part = result[axis]
         lines += ["", f"## Loss against {label}", "",
