@@ -799,7 +799,8 @@ def _report(result: dict) -> None:
             f"a uniform choice among {result['val_ppl']:,.0f} tokens (lower is better).",
             f"  an untrained model is close to uniform over its {vocab:,}-token vocabulary: loss ln {vocab} "
             f"= {math.log(vocab):.2f}, perplexity ~{vocab:,}."]
-    lines.append(f"  trained on {result['tokens_seen']:,} tokens in {result['step']} steps; "
+    steps = f"{result['step']} step" + ("" if result["step"] == 1 else "s")
+    lines.append(f"  trained on {result['tokens_seen']:,} tokens in {steps}; "
                  f"{result['parameters']['total']:,} parameters.")
 
     out = here(str(Path("hf") / Path(result["run_dir"]).name))  # an export folder next to runs/
