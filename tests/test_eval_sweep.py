@@ -240,6 +240,22 @@ def test_local_backend_trains_each_run_once(tmp_path, monkeypatch, one_thread):
     assert len(json.loads((sw / "state" / "llama_xs.json").read_text())["attempts"]) == 2
 
 
+def test_a_run_lock_lives_as_long_as_a_process_of_the_run(tmp_path):
+    """The lock a trainer inherits stays held after the sweep's own context ends (the sweep process
+    killed, a rank still running), and is free once the last holder has ended."""
+    sd = sweep.SweepDir(tmp_path)
+    (tmp_path / "state").mkdir()
+    with sd.lock("run") as fd:
+        assert fd is not None and sd.busy("run")
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], pass_fds=(fd,))
+    try:
+        assert sd.busy("run")
+    finally:
+        child.kill()
+        child.wait()
+    assert not sd.busy("run")
+
+
 # ---- the Slurm backend against the stand-ins ------------------------------------------------------
 
 def submissions(slurm_dir: Path) -> list[dict]:

@@ -391,7 +391,8 @@ class SweepDir:
     @contextmanager
     def lock(self, name: str):
         """Yields the descriptor of ``state/<name>.lock`` locked exclusively (flock), or None when
-        another process holds it. Processes that inherit the descriptor keep the lock held."""
+        another process holds it. Processes that inherit the descriptor keep the lock held, also
+        after this context ends (a trainer's rank or worker that outlives the sweep process)."""
         fd = os.open(self.path / "state" / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -401,9 +402,8 @@ class SweepDir:
             return
         try:
             yield fd
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+        finally:  # no LOCK_UN: that would release it for the run's processes too; closing our
+            os.close(fd)  # descriptor releases it when the last process holding one has ended
 
     def busy(self, name: str) -> bool:
         """Another process holds the run's lock (it is training or evaluating it)."""
@@ -416,8 +416,9 @@ def run_spec_of(entry: dict) -> dict:
 
 
 def _write_json(path: Path, obj) -> None:
-    """Write whole or not at all (a crash leaves the previous file)."""
-    tmp = path.with_suffix(".tmp")
+    """Write whole or not at all (a crash leaves the previous file); a temporary file per process,
+    so that two sweep processes writing the same file do not collide."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
 
