@@ -7,8 +7,6 @@ import os
 import shlex
 import sys
 
-import pytest
-
 from newtonlm.training.loop import _report
 
 
@@ -84,8 +82,6 @@ def test_a_preempted_run_says_how_to_continue_and_nothing_else(capsys):
     assert not any("what the numbers mean" in line or "next" in line for line in lines)
 
 
-@pytest.mark.xfail(strict=True, reason="newtonlm/models/presets.py: REFERENCE_VOCAB['demo'] is 8192; "
-                                       "the demo tokenizer gives the model 8000 (lead applies the change)")
 def test_the_sizes_table_uses_the_demo_tokenizers_vocabulary():
     from newtonlm.data import compose_data_config, vocab_size_for_model
     from newtonlm.models.presets import REFERENCE_VOCAB

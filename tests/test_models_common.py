@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreT
 
 from newtonlm.models import ARCHS, build_model, load_preset
 
-VOCAB = 8192  # the demo tokenizer's size
+VOCAB = 8192  # any vocabulary; the demo tokenizer gives 8000
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -4,7 +4,7 @@ field overridable, e.g. ``model.num_hidden_layers=6``).
 The four architectures at the same nominal size share the width and the vocabulary, and their
 parameter counts (total and non-embedding) are within 10% of each other; ``python -m
 newtonlm.models.sizes`` prints the exact counts. Nominal sizes refer to the reference vocabulary of
-:data:`REFERENCE_VOCAB` (the demo size to the project's ~8k demo tokenizer, the others to 32000);
+:data:`REFERENCE_VOCAB` (the demo size to the demo tokenizer's 8000, the others to 32000);
 the real vocabulary comes from the tokenizer.
 """
 
@@ -15,7 +15,7 @@ from .factory import ARCHS
 
 PRESET_DIR = CONFIG_DIR / "model"
 SIZES = ("demo", "125m", "400m", "1b", "3b", "7b")
-REFERENCE_VOCAB = {"demo": 8192, "125m": 32000, "400m": 32000, "1b": 32000, "3b": 32000, "7b": 32000}
+REFERENCE_VOCAB = {"demo": 8000, "125m": 32000, "400m": 32000, "1b": 32000, "3b": 32000, "7b": 32000}
 
 
 def preset_names() -> list[str]:
