@@ -238,6 +238,8 @@ def test_local_backend_trains_each_run_once(tmp_path, monkeypatch, one_thread):
     monkeypatch.delenv("FAIL_RUN")
     assert re.fullmatch(r"trained in \d+ s; evaluated: ppl 1.50", sweep.sweep(cfg, [])["llama_xs"])
     assert len(json.loads((sw / "state" / "llama_xs.json").read_text())["attempts"]) == 2
+    # every run finished: the scaling report (report_dir, default <sweep_dir>/scaling) with the command
+    assert "python -m newtonlm.eval.sweep\n" in (sw / "scaling" / "scaling.md").read_text()
 
 
 def test_a_run_lock_lives_as_long_as_a_process_of_the_run(tmp_path):

@@ -152,7 +152,8 @@ def scaling_fit(points: dict, unfinished: list, curves: dict, crossings: list, x
     ax.set_xlabel(xlabel)
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # no finished run yet: no legend
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

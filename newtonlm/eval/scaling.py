@@ -308,10 +308,11 @@ def _ci(v) -> str:
     return "-" if not v else f"[{v[0]:.3g}, {v[1]:.3g}]"
 
 
-def markdown(runs: list[RunResult], result: dict, command: str) -> str:
+def markdown(runs: list[RunResult], result: dict, command: str, note: str = "") -> str:
     loss = "evaluation loss (held-out split)" if result["loss"] == "eval" else "final validation loss"
     lines = [
         "# Scaling laws", "", "Produced by (from the repository root):", "", "```bash", command, "```", "",
+        *([note, ""] if note else []),
         f"Loss: the {loss}, nats/token. Compute C = `newtonlm.models.flops_per_token` x training tokens "
         "(3 x the forward's multiply-adds x 2; embedding, norms and Newton iterations not counted). "
         f"Parameters N: {result['budget_params'].replace('_', '-')} (as the budget counts them). Fit per "
@@ -382,8 +383,9 @@ def curves(part: dict, span: float = 3.0) -> dict:
 
 
 def write(sweep_dir: Path, out_dir: Path, command: str, loss: str = "auto", n_boot: int = 1000,
-          seed: int = 0, decades: float = 2.0) -> dict:
-    """Read, fit, and write ``scaling.md``, ``scaling.json`` and the two figures into ``out_dir``."""
+          seed: int = 0, decades: float = 2.0, note: str = "") -> dict:
+    """Read, fit, and write ``scaling.md``, ``scaling.json`` and the two figures into ``out_dir``;
+    ``note``: a paragraph under the command (the sweep adds the machine and its run time)."""
     from . import plots
 
     runs, budget_params = read_sweep(sweep_dir)
@@ -397,8 +399,8 @@ def write(sweep_dir: Path, out_dir: Path, command: str, loss: str = "auto", n_bo
         plots.scaling_fit(part["points"], unfinished, curves(part), crossings, AXES[axis][1],
                           out_dir / name)
     (out_dir / "scaling.json").write_text(json.dumps(
-        {"command": command, "runs": [asdict(r) for r in runs], **_jsonable(result)}, indent=1))
-    md = markdown(runs, result, command)
+        {"command": command, "note": note, "runs": [asdict(r) for r in runs], **_jsonable(result)}, indent=1))
+    md = markdown(runs, result, command, note)
     (out_dir / "scaling.md").write_text(md)
     print(md)
     return result

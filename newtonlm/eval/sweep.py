@@ -54,8 +54,8 @@ SET_BY_SWEEP = ("train.seq_len", "train.lr", "train.micro_batch_size", "train.gr
 STAGES = ("all", "train", "eval")
 # Fields that say how and where runs execute, not what they compute: a sweep directory accepts
 # changes to these (e.g. local first, then slurm).
-EXECUTION = ("name", "sweep_dir", "backend", "launcher", "hostfile", "slurm", "threads", "stage", "only",
-             "dry_run", "extend", "hardware")
+EXECUTION = ("name", "sweep_dir", "report_dir", "backend", "launcher", "hostfile", "slurm", "threads",
+             "stage", "only", "dry_run", "extend", "hardware")
 
 
 @dataclass
@@ -129,6 +129,8 @@ class SweepConfig:
     e.g. ``data=slimpajama``, ``train=cluster``); ``evaluation``; ``hardware`` (the estimate).
     (``trainer`` and ``evaluation`` are not called ``train`` / ``eval``: those name config groups,
     which Hydra would take a list override of for a group choice.) Execution: ``sweep_dir``,
+    ``report_dir`` (where ``newtonlm.eval.scaling`` writes its report when a local sweep ends with
+    every run finished; empty: no report),
     ``backend`` (local | slurm | hostfile), ``launcher`` (local: command prefix of the trainer; empty:
     this Python, or launch/torchrun.sh for several ranks), ``hostfile`` (a DeepSpeed hostfile, or
     ``local``), ``slurm``, ``threads`` (OMP_NUM_THREADS of local runs; 0: unset), ``stage`` (all |
@@ -144,6 +146,7 @@ class SweepConfig:
     evaluation: EvalSettings = field(default_factory=EvalSettings)
     hardware: Hardware = field(default_factory=Hardware)
     sweep_dir: str = "runs/sweep/${name}"
+    report_dir: str = "${sweep_dir}/scaling"
     backend: str = "local"
     launcher: list[str] = field(default_factory=list)
     hostfile: str = ""
@@ -604,6 +607,7 @@ def sweep(cfg: SweepConfig, argv: list[str] = ()) -> dict[str, str]:
     ``argv``: the command line's overrides (repeated by the Slurm evaluation jobs). Returns run ->
     outcome (empty for a dry run)."""
     check(cfg)
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
     vocab, note = plan_vocab(cfg)
     runs = make_plan(cfg, vocab)
     print(format_plan(cfg, runs, vocab, note), flush=True)
@@ -619,8 +623,28 @@ def sweep(cfg: SweepConfig, argv: list[str] = ()) -> dict[str, str]:
     backend = submit_slurm if cfg.backend == "slurm" else lambda c, r, d, a: run_local(c, r, d)
     outcome = backend(cfg, chosen, sd, list(argv))
     print("\n" + "\n".join(f"{name}: {what}" for name, what in outcome.items()), flush=True)
-    print(f"\nresults: python -m newtonlm.eval.scaling {sd.path}", flush=True)
+    if cfg.backend != "slurm" and cfg.stage != "train" and cfg.report_dir and all(
+            finished(sd.run_dir(r.name)) for r in runs):
+        report(cfg, sd, argv, t0, load0)
+    else:
+        print(f"\nresults: python -m newtonlm.eval.scaling {sd.path}", flush=True)
     return outcome
+
+
+def report(cfg: SweepConfig, sd: SweepDir, argv: list[str], t0: float, load0: float) -> None:
+    """The scaling analysis of a completed local sweep into ``report_dir``, with this command, the
+    machine and the invocation's run time; a failure is printed, not raised (the runs are done)."""
+    from ..machine import machine_info, machine_line
+    from . import scaling
+
+    command = shlex.join(["python", "-m", "newtonlm.eval.sweep", *argv])
+    note = (f"Machine: {machine_line(machine_info(), load_at_start=load0)}. This command took "
+            f"{(time.perf_counter() - t0) / 60:.1f} min (training and evaluating the runs it ran, then "
+            "this analysis).")
+    try:
+        scaling.write(sd.path, Path(cfg.report_dir).resolve(), command, note=note)
+    except (ValueError, RuntimeError) as err:
+        print(f"scaling report not written: {err}", file=sys.stderr, flush=True)
 
 
 def compose(overrides: list[str]) -> SweepConfig:
