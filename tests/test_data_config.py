@@ -16,13 +16,13 @@ YAMLS = sorted(p.stem for p in (CONFIG_DIR / "data").glob("*.yaml"))
 
 
 def test_the_config_folder_has_the_documented_files():
-    assert YAMLS == ["bible", "hub", "local", "mixture", "shakespeare"]
+    assert YAMLS == ["bible", "hub", "local", "mixture", "shakespeare", "slimpajama"]
 
 
 @pytest.mark.parametrize("name", YAMLS)
 def test_every_yaml_composes_and_validates(name):
     cfg = compose_data_config([f"data={name}"])
-    assert cfg.sources and cfg.tokenizer.vocab_size == 8000
+    assert cfg.sources and cfg.tokenizer.vocab_size == (32000 if name == "slimpajama" else 8000)
     assert cfg.shards_dir.startswith(".cache/newtonlm/shards/")
 
 
