@@ -8,12 +8,15 @@ Commands::
     python -m newtonlm.eval.harness run MODEL --tasks-dir DIR            # lm_eval on a newtonlm model
     python -m newtonlm.eval.synthetic [hydra overrides]                  # parity, modcount, recall, copy
     python -m newtonlm.eval.compare [scale=cpu|cluster] [overrides]      # 4 architectures x sizes
+    python -m newtonlm.eval.sweep sweep=NAME [--dry-run]                 # a sweep: local, Slurm, hostfile
+    python -m newtonlm.eval.scaling SWEEP_DIR                            # power-law fits, crossings
 
 MODEL is a training run directory (DeepSpeed checkpoint) or a Hugging Face folder. Modules, in the
 order data flows: ``loading`` (model + tokenizer + context length), ``corpus`` (held-out text as a
 token stream with its byte count), ``scoring`` (per-token NLL of long sequences: recurrent state,
 sliding window, full), ``perplexity``, ``harness``, ``synthetic/`` (tasks, train, command),
-``sizes`` (preset + overrides), ``compare``, ``plots``.
+``sizes`` (preset + overrides), ``compare``, ``sweep`` (plans and runs sweeps), ``scaling``
+(fits), ``plots``.
 
 Names are imported on first use, so that ``python -m newtonlm.eval.<tool>`` runs its module without
 the package having imported it already.
