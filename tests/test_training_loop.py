@@ -13,20 +13,17 @@ from newtonlm.data import build_dataloaders, compose_data_config, vocab_size_for
 from newtonlm.models import ARCHS, build_model, load_preset
 from newtonlm.training.checkpoint import MARKER, Checkpoints
 from newtonlm.training.config import TrainConfig
-from newtonlm.training.loop import (
+from newtonlm.training.loop import count_targets, log_due, token_loss_sum, validation_due
+from newtonlm.training.optim import build_scheduler
+from newtonlm.training.resume import (
     ResumePlan,
     ResumeRefused,
     check_resume_config,
     checkpoint_index,
-    count_targets,
-    log_due,
     reschedule,
     resume_differences,
     resume_plan,
-    token_loss_sum,
-    validation_due,
 )
-from newtonlm.training.optim import build_scheduler
 
 S2, S4, S6 = "step_00000002", "step_00000004", "step_00000006"
 

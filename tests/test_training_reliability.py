@@ -30,7 +30,8 @@ from newtonlm.data import train_bpe_tokenizer
 from newtonlm.training.checkpoint import MARKER, Checkpoints
 from newtonlm.training.config import TrainConfig
 from newtonlm.training.lock import LOCK_NAME, RunDirectoryInUse, RunLock
-from newtonlm.training.loop import ResumePlan, ResumeRefused, claim_run_dir, run_facts
+from newtonlm.training.loop import claim_run_dir
+from newtonlm.training.resume import ResumePlan, ResumeRefused, run_facts
 
 REPO = Path(__file__).resolve().parents[1]
 

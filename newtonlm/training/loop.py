@@ -10,11 +10,11 @@ directory: config.yaml, tokenizer/), then the loop: :func:`train_step` (one opti
 :func:`finish` (validation, a text sample, the summary). Batches are ``{"input_ids", "targets"}``
 from newtonlm.data, targets already shifted: the loss is the cross-entropy of the logits at each
 position against its target (:func:`token_loss_sum`). Helpers: ``config`` (settings),
-``distributed``, ``optim`` (AdamW, schedules, DeepSpeed config), ``checkpoint``, ``lock``,
-``metrics`` (metrics.jsonl, progress, wandb, MFU).
+``distributed``, ``optim`` (AdamW, schedules, DeepSpeed config), ``checkpoint``, ``resume``
+(the plan and what may change), ``lock``, ``metrics`` (metrics.jsonl, progress, wandb, MFU).
 
 A refused or failed start leaves the run directory as it found it, byte for byte: the resume is
-planned (:func:`plan_resume`: which checkpoint, verified against its manifest, its settings compared
+planned (``resume.plan_resume``: which checkpoint, verified against its manifest, its settings compared
 with this run's) and the checkpoint loaded before anything is written, and the lock file gets its
 previous bytes back.
 """
@@ -24,28 +24,24 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ..data import build_dataloaders, get_or_train_tokenizer, load_data_config, vocab_size_for_model
-from ..data.tokenizer import load_tokenizer, max_token_id, tokenizer_fingerprint
 from ..models import build_model, count_parameters, flops_per_token, newton_stats
 from . import faults
-from .checkpoint import MANIFEST_KEYS, CheckpointError, Checkpoints, tag_step
+from .checkpoint import CheckpointError, Checkpoints
 from .config import TrainConfig, WandbConfig, load_settings
 from .config import validate as validate_settings
 from .distributed import (
@@ -56,10 +52,19 @@ from .distributed import (
     broadcast_object,
     init_distributed,
 )
-from .errors import UserError
 from .lock import RunDirectoryInUse, RunLock
 from .metrics import RunLog, mfu, peak_flops
 from .optim import build_optimizer, build_scheduler, deepspeed_config
+from .resume import (
+    SCHEDULE_KEYS,
+    ResumePlan,
+    fingerprint_at,
+    plan_resume,
+    reschedule,
+    rng_state,
+    run_facts,
+    set_rng_state,
+)
 
 if TYPE_CHECKING:
     from ..data import FixedBatches, ResumableLoader
@@ -174,264 +179,7 @@ def sample_text(engine, tokenizer, prompt: str, max_new_tokens: int, device, see
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
 
-# ---- resume: pure decisions (unit-tested) and their application ----------------------------------
-
-class ResumeRefused(UserError):
-    """The run directory cannot be resumed as asked (changed settings, unusable checkpoints, a
-    conflicting request); raised before anything was written into it."""
-
-
-@dataclass(frozen=True)
-class ResumePlan:
-    tag: str | None = None           # the checkpoint to resume from; None: start at step 0
-    delete: tuple[str, ...] = ()     # checkpoint folders to delete, once the run is accepted
-    error: str | None = None         # why the run must not start (raised on every rank)
-    skipped: tuple[tuple[str, str], ...] = ()  # (tag, why) of newer unusable checkpoints passed over
-
-
-# What a resume may change; every other setting of the resolved config must equal the checkpoint's
-# (fnmatch patterns over the flattened keys). A key the checkpoint's config lacks (a setting added by
-# a later newtonlm) is not compared.
-RESUME_MAY_CHANGE = (
-    # the length and the learning-rate schedule (the resumed steps follow the new ones: reschedule)
-    "train.max_steps", "train.max_tokens", "train.lr", "train.schedule", "train.warmup_steps",
-    "train.warmup_frac", "train.min_lr_ratio", "train.decay_frac", "train.grad_clip",
-    # when to save, validate, log and stop; how the same math runs
-    "train.save_every", "train.keep_last", "train.resume", "train.overwrite", "train.eval_every",
-    "train.log_every", "train.max_consecutive_skips", "train.dist_timeout_s", "train.deepspeed_shm_comm",
-    "train.activation_checkpointing", "train.compile", "train.sample_tokens", "train.sample_prompt",
-    "train.progress", "train.peak_flops", "train.inject_nan_steps", "wandb.*",
-    # how the recurrence is solved, not what it computes
-    "model.cell_mode", "model.newton_*",
-    # validation size, tokenizer batching; where the files are (the data-loader signature compares
-    # the files and the worker count, the tokenizer's fingerprint the tokenizer itself)
-    "data.val_batches", "data.tokenize_batch_docs", "data.num_workers", "data.shards_dir",
-    "data.sources.*.paths", "data.tokenizer.*",
-)
-# The parts of the data-loader signature (ResumableLoader.signature) compared on their own: the rest
-# mirrors settings compared above (seq_len, batch size, seed, shuffling, world size)
-_SIGNATURE_PARTS = {"sources": "data files (per source: type, name, fingerprint of the file names and sizes)",
-                    "workers": "data-loader workers (data.num_workers; 0 counts as 1)"}
-# settings whose change needs the schedule rebuilt after loading the checkpoint's optimizer state
-_SCHEDULE_KEYS = ("lr", "schedule", "warmup_steps", "warmup_frac", "min_lr_ratio", "decay_frac", "max_steps",
-                  "max_tokens")
-
-
-def resume_plan(checkpoints: dict[str, bool], cfg: TrainConfig, where: str = "checkpoints",
-                unusable: dict[str, str] | None = None) -> ResumePlan:
-    """What ``cfg.resume`` and ``cfg.overwrite`` mean for a run directory whose checkpoint folder
-    ``where`` holds ``checkpoints`` (tag ``step_NNNNNNNN`` -> complete, i.e. has its marker), some of
-    which are known to be ``unusable`` (tag -> why: failed verification or loading).
-
-    auto: the newest usable complete checkpoint (newer unusable ones are ``skipped``), or a fresh
-    start when there is none at all; an error when every complete one is unusable (never a silent
-    fresh start). ``step_N``: that one, an error if it is not complete or unusable; later folders
-    (which ``auto`` would pick next time) are deleted with ``overwrite``, else an error. none: a fresh
-    start, refused while checkpoints exist unless ``overwrite`` (then they are deleted)."""
-    unusable = unusable or {}
-    tags = sorted(checkpoints, key=tag_step)
-    complete = [t for t in tags if checkpoints[t]]
-    if cfg.resume == "auto":
-        usable = [t for t in complete if t not in unusable]
-        tag = usable[-1] if usable else None
-        skipped = tuple((t, unusable[t]) for t in complete
-                        if t in unusable and (tag is None or tag_step(t) > tag_step(tag)))
-        if tag is None and skipped:
-            return ResumePlan(skipped=skipped, error=(
-                f"{where} holds no usable checkpoint ("
-                + "; ".join(f"{t}: {why}" for t, why in skipped) + "), and train.resume=auto does not "
-                "silently start over: restore the files, or start over with train.resume=none "
-                "train.overwrite=true (deletes them) or in another hydra.run.dir"))
-        return ResumePlan(tag=tag, skipped=skipped)
-    if cfg.resume.startswith("step_"):
-        if cfg.resume in unusable:
-            return ResumePlan(error=f"train.resume={cfg.resume}: checkpoint {where}/{cfg.resume} is "
-                                    f"unusable: {unusable[cfg.resume]}; resume from another one (complete: "
-                                    f"{', '.join(complete)}), or train.resume=auto (the newest usable one)")
-        if not checkpoints.get(cfg.resume):
-            what = "a partial folder (its save did not finish)" if cfg.resume in checkpoints else "no folder"
-            return ResumePlan(error=f"train.resume={cfg.resume} but {where} holds {what} of that name; "
-                                    f"complete checkpoints: {', '.join(complete) or 'none'}")
-        newer = tuple(t for t in tags if tag_step(t) > tag_step(cfg.resume))
-        if newer and not cfg.overwrite:
-            return ResumePlan(error=f"train.resume={cfg.resume} but {where} also holds later checkpoints "
-                                    f"({', '.join(newer)}) that the resumed run would overwrite and "
-                                    "train.resume=auto would pick: add train.overwrite=true to delete them, "
-                                    "or resume in another hydra.run.dir")
-        return ResumePlan(tag=cfg.resume, delete=newer)
-    if tags and not cfg.overwrite:
-        return ResumePlan(error=f"{where} already holds checkpoints and train.resume=none: use "
-                                "train.resume=auto, another hydra.run.dir, or train.overwrite=true")
-    return ResumePlan(delete=tuple(tags))
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def _show(value) -> str:
-    return json.dumps(value, default=str)
-
-
-_ABSENT = object()
-
-
-def resume_differences(saved: dict, now: dict) -> list[str]:
-    """Each way in which this run (``now``) differs from a checkpoint (``saved``) that a resume must
-    not change, as ``"<setting> (<saved> in the checkpoint, <now> now)"``. Both are
-    :func:`run_facts`-style dicts (a checkpoint's manifest); a fact the checkpoint lacks (older
-    formats) is not compared. Settings: the config outside :data:`RESUME_MAY_CHANGE` (only
-    ``model.arch`` when the architecture differs), the tokenizer (by fingerprint: also a change that
-    keeps the model's vocabulary size), the data-loader signature's files and workers, the world size."""
-    diffs = []
-    old, new = _flatten(saved["config"]), _flatten(now["config"])
-    arch_changed = old.get("model.arch", _ABSENT) != new.get("model.arch", _ABSENT)
-    for key, value in old.items():
-        if any(fnmatch(key, pattern) for pattern in RESUME_MAY_CHANGE):
-            continue
-        if arch_changed and key.startswith("model.") and key != "model.arch":
-            continue
-        current = new.get(key, _ABSENT)
-        if current != value:
-            shown = "absent" if current is _ABSENT else _show(current)
-            diffs.append(f"{key} ({_show(value)} in the checkpoint, {shown} now)")
-    if saved.get("tokenizer_fingerprint") and saved["tokenizer_fingerprint"] != now["tokenizer_fingerprint"]:
-        def tok(facts):
-            return (f"fingerprint {facts['tokenizer_fingerprint']}, {facts.get('tokenizer_size')} tokens, "
-                    f"model vocabulary {facts.get('vocab_size')}")
-        diffs.append(f"tokenizer ({tok(saved)} in the checkpoint; {tok(now)} now)")
-    if saved.get("data_signature") and now.get("data_signature"):
-        for part, label in _SIGNATURE_PARTS.items():
-            a, b = saved["data_signature"].get(part), now["data_signature"].get(part)
-            if a != b:
-                diffs.append(f"{label} ({_show(a)} in the checkpoint, {_show(b)} now)")
-    if saved.get("world_size") is not None and saved["world_size"] != now["world_size"]:
-        diffs.append(f"world size ({saved['world_size']} in the checkpoint, {now['world_size']} now)")
-    return diffs
-
-
-def check_resume_config(saved: dict, now: dict, where: str = "the checkpoint") -> None:
-    """Raise ResumeRefused naming every difference (:func:`resume_differences`) between the checkpoint
-    ``where`` (its facts ``saved``) and this run (``now``), with what to do."""
-    diffs = resume_differences(saved, now)
-    if diffs:
-        raise ResumeRefused(
-            f"{where} was written with other settings than this run's: {'; '.join(diffs)}. A resume "
-            "continues the same run: resume with the checkpoint's settings, or start a new run (another "
-            "hydra.run.dir, or train.resume=none train.overwrite=true, which deletes this run's checkpoints)")
-
-
-def run_facts(resolved: dict, world: int, tokenizer, data_signature: dict) -> dict:
-    """What a checkpoint of this run records about it (copied into its manifest: MANIFEST_KEYS) and
-    what a resume compares: the resolved config, the world size, the tokenizer (fingerprint, size,
-    the model's vocabulary) and rank 0's data-loader signature (its rank left out)."""
-    return {"world_size": world, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-            "tokenizer_size": max_token_id(tokenizer) + 1, "vocab_size": vocab_size_for_model(tokenizer),
-            "data_signature": {k: v for k, v in data_signature.items() if k != "rank"}, "config": resolved}
-
-
-def _fingerprint_at(folder: Path) -> str | None:
-    """The fingerprint of the tokenizer saved in ``folder``; None when there is none readable."""
-    if not (folder / "tokenizer_config.json").is_file():
-        return None
-    try:
-        return tokenizer_fingerprint(load_tokenizer(str(folder)))
-    except Exception:  # a damaged folder: as good as none
-        return None
-
-
-def saved_facts(ckpts: Checkpoints, tag: str, run_dir: Path) -> dict:
-    """A checkpoint's :func:`run_facts`, from its manifest without loading weights; a format-1
-    checkpoint (no manifest) from its client state, with the fingerprint of ``<run_dir>/tokenizer``
-    standing in for the tokenizer's (those checkpoints did not record it). CheckpointError when
-    unreadable."""
-    manifest = ckpts.manifest(tag)
-    if manifest is not None:
-        return {key: manifest.get(key) for key in MANIFEST_KEYS}
-    state = ckpts.read_client_state(tag)
-    facts = {key: state.get(key) for key in MANIFEST_KEYS}
-    signature = ((state.get("data") or [{}])[0] or {}).get("signature") or {}
-    facts["data_signature"] = {k: v for k, v in signature.items() if k != "rank"} or None
-    facts["tokenizer_fingerprint"] = facts["tokenizer_fingerprint"] or _fingerprint_at(run_dir / "tokenizer")
-    return facts
-
-
-def checkpoint_index(ckpts: Checkpoints) -> dict[str, bool]:
-    """Every checkpoint folder of the run directory: tag -> complete (the input of resume_plan)."""
-    complete = {tag for _, tag in ckpts.complete()}
-    return {tag: tag in complete for tag in ckpts.all_tags()}
-
-
-def plan_resume(ckpts: Checkpoints, cfg: TrainConfig, now: dict, run_dir: Path,
-                unusable: dict[str, str] | None = None) -> ResumePlan:
-    """The whole resume plan, decided from the checkpoints alone before anything is written or built:
-    :func:`resume_plan` over rank 0's view of the checkpoint folder; the chosen checkpoint verified
-    against its manifest (every rank its own files), an unusable one (and its reason) passed over by
-    ``auto``; its settings compared with this run's (``now``: :func:`run_facts`). Every rank gets the
-    same plan, or ResumeRefused (saying that nothing was changed). A collective."""
-    unusable, main = dict(unusable or {}), ckpts.is_main
-    index = checkpoint_index(ckpts) if main else None
-    unchanged = f"; nothing in {run_dir} was changed"
-    while True:
-        plan = resume_plan(index, cfg, str(ckpts.root), unusable) if main else None
-        plan = ResumePlan(**broadcast_object(asdict(plan) if main else None))
-        if plan.error:
-            raise ResumeRefused(plan.error + unchanged)
-        if plan.tag is None:
-            return plan
-        problem, error = ckpts.verify(plan.tag), None
-        if problem is None and main:
-            try:
-                saved = saved_facts(ckpts, plan.tag, run_dir)
-                check_resume_config(saved, now, f"checkpoint {ckpts.root / plan.tag}")
-            except CheckpointError as exc:
-                problem = str(exc)
-            except ResumeRefused as exc:
-                error = str(exc)
-        problem, error = broadcast_object((problem, error))
-        if error:
-            raise ResumeRefused(error + unchanged)
-        if problem is None:
-            return plan
-        unusable[plan.tag] = problem
-
-
-def reschedule(scheduler, lr: float) -> None:
-    """Make a loaded learning-rate schedule follow this run's settings. A checkpoint restores the
-    scheduler's peak rates (``base_lrs``) and the optimizer's current rate, but not the schedule's
-    shape (its lambdas come from this run's config); after a resume with another ``train.lr`` or
-    schedule, set both from ``lr`` and the lambdas at the resumed step, so that step ``s`` uses
-    ``lr * factor(s)`` of the new settings from the first resumed step on. ``scheduler``: a
-    LambdaLR (transformers' schedules)."""
-    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
-    groups = scheduler.optimizer.param_groups
-    for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
-        group["initial_lr"] = base
-        group["lr"] = base * factor(scheduler.last_epoch)
-    scheduler._last_lr = [group["lr"] for group in groups]
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": np.random.get_state()}
-    if torch.cuda.is_available():  # this rank's GPU
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
+# ---- resume: the plan (resume.py) applied ------------------------------------------------------
 
 def resume(job: Job) -> tuple[Counters, ResumePlan]:
     """Load the checkpoint of the plan (``job.plan``, decided by :func:`setup`) into the engine ->
@@ -459,9 +207,9 @@ def resume(job: Job) -> tuple[Counters, ResumePlan]:
                         skipped_total=state.get("skipped_total", 0),
                         consecutive_skips=state.get("consecutive_skips", 0))
     job.train_loader.load_state_dict(state["data"][job.dist.rank])
-    _set_rng_state(state["rng"][job.dist.rank])
+    set_rng_state(state["rng"][job.dist.rank])
     saved_train, train_now = state["config"]["train"], job.resolved["train"]
-    if any(saved_train.get(key) != train_now.get(key) for key in _SCHEDULE_KEYS):
+    if any(saved_train.get(key) != train_now.get(key) for key in SCHEDULE_KEYS):
         reschedule(job.scheduler, job.cfg.lr)
     return counters, plan
 
@@ -486,7 +234,7 @@ def prepare_run_dir(job: Job, plan: ResumePlan) -> None:
         tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(job.resolved)))
         os.replace(tmp, job.run_dir / "config.yaml")
         folder = job.run_dir / "tokenizer"
-        if _fingerprint_at(folder) != job.facts["tokenizer_fingerprint"]:
+        if fingerprint_at(folder) != job.facts["tokenizer_fingerprint"]:
             if plan.tag is not None:
                 print(f"newtonlm: {folder} did not hold the checkpoint's tokenizer (fingerprint "
                       f"{job.facts['tokenizer_fingerprint']}): written again", file=sys.stderr, flush=True)
@@ -500,7 +248,7 @@ def save_checkpoint(job: Job, counters: Counters) -> None:
     if job.dist.is_main and (warning := job.ckpts.space_warning()):
         print(f"newtonlm: warning: {warning}", file=sys.stderr, flush=True)
     client = {**asdict(counters), **job.facts, "data": all_gather_object(job.train_loader.state_dict()),
-              "rng": all_gather_object(_rng_state())}
+              "rng": all_gather_object(rng_state())}
     job.ckpts.save(job.engine, counters.step, client)
 
 
@@ -765,7 +513,6 @@ def _report(result: dict) -> None:
     """Print the end-of-run summary of ``result`` (:func:`finish`): status, validation, sample; for
     a finished run what the numbers mean and the commands to run next, with this run's paths (each
     line copy-pasteable; the comments are shell comments); for a preempted run how to continue."""
-    import json
     import shlex
 
     from ..models import ARCHS
