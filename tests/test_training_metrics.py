@@ -148,3 +148,45 @@ def test_metrics_log_resume_drops_the_final_validation(tmp_path):
 def test_gpu_table_patterns_compile_and_are_listed_once():
     assert len({p for p, _ in metrics.GPU_PEAKS}) == len(metrics.GPU_PEAKS)
     assert all(set(peaks) == set(metrics.MODES) for _, peaks in metrics.GPU_PEAKS)
+
+
+def _telemetry(mode: str, newton=None) -> dict:
+    """A record's newton/... keys from real solves of two GRU layers (newtonlm.kernels)."""
+    from newtonlm.kernels import GRU, NewtonStats, newton_telemetry, parallel_rnn
+
+    g = torch.Generator().manual_seed(0)
+    stats = [NewtonStats(), NewtonStats()]
+    for s in stats:
+        u = torch.randn(2, 32, 3, 8, generator=g, dtype=torch.float64)
+        params = (0.3 * torch.randn(3, 8, generator=g, dtype=torch.float64),)
+        parallel_rnn(GRU, u, params, mode=mode, newton=newton, stats=s)
+    return {"step": 7, **newton_telemetry(stats)}
+
+
+def test_progress_detail_names_the_path_the_recurrence_took():
+    from newtonlm.kernels import NewtonConfig
+
+    assert metrics.newton_summary({"step": 1, "loss": 1.0}) == ""  # a baseline: no ParaRNN layer
+    assert metrics.newton_summary(_telemetry("sequential")) == "sequential"
+    record = _telemetry("parallel")
+    assert record["newton/newton"] == 2 and record["newton/fallbacks"] == 0
+    assert metrics.newton_summary(record) == f"newton {record['newton/mean_iterations']:.1f} it"
+    rejected = _telemetry("parallel", NewtonConfig(max_iters=0, max_extra_iters=0))
+    assert rejected["newton/fallbacks"] == 2 and rejected["newton/fallback_rate"] == 1.0
+    assert metrics.newton_summary(rejected) == "newton 0.0 it, fallback 100%"
+    stream = io.StringIO()
+    progress = Progress(10, 0, True, stream=stream)
+    progress.update(10, 2.5, 1000.0, detail=metrics.newton_summary(rejected))
+    assert "loss 2.5000, 1,000 tok/s, newton 0.0 it, fallback 100%" in stream.getvalue()
+
+
+def test_fallback_warning_above_the_threshold_names_the_layers():
+    from newtonlm.kernels import NewtonConfig
+
+    assert metrics.fallback_warning(_telemetry("parallel")) is None
+    assert metrics.fallback_warning(_telemetry("sequential")) is None  # no Newton, nothing rejected
+    rejected = _telemetry("parallel", NewtonConfig(max_iters=0, max_extra_iters=0))
+    warning = metrics.fallback_warning(rejected)
+    assert warning.startswith("step 7: Newton was rejected for 100% of the solves")
+    assert "layer0: 100%" in warning and "layer1: 100%" in warning and "model.a_max" in warning
+    assert metrics.fallback_warning({**rejected, "newton/fallback_rate": 0.05}) is None  # at the threshold

@@ -94,10 +94,12 @@ class Progress:
             self.bar = tqdm(total=total_steps, initial=start_step, file=self.stream, bar_format=self.BAR,
                             dynamic_ncols=True, mininterval=0.5)
 
-    def update(self, step: int, loss: float, tokens_per_s: float, skipped: bool = False) -> None:
+    def update(self, step: int, loss: float, tokens_per_s: float, skipped: bool = False,
+               detail: str = "") -> None:
         if not self.enabled:
             return
-        postfix = f"loss {loss:.4f}, {tokens_per_s:,.0f} tok/s" + (" (skipped)" if skipped else "")
+        postfix = (f"loss {loss:.4f}, {tokens_per_s:,.0f} tok/s" + (f", {detail}" if detail else "")
+                   + (" (skipped)" if skipped else ""))
         if self.bar is not None:
             self.bar.set_postfix_str(postfix, refresh=False)
             self.bar.update(step - self.bar.n)
@@ -145,6 +147,39 @@ def _wandb_id(run_dir: Path) -> str:
     return f.read_text().strip()
 
 
+FALLBACK_WARN_RATE = 0.05  # Newton rejected for more than this share of solves: warn
+
+
+def newton_summary(record: dict) -> str:
+    """The recurrence's path for the progress line, from a record's ``newton/...`` telemetry (see
+    ``newtonlm.kernels.newton_telemetry``): ``newton 3.0 it`` (+ ``, fallback 12%`` when Newton was
+    rejected), ``sequential`` (the sequential path by choice: CPU ``auto``), or "" (no ParaRNN
+    layer, or no telemetry in this record)."""
+    newton, fallbacks = record.get("newton/newton") or 0, record.get("newton/fallbacks") or 0
+    if newton + fallbacks > 0:
+        text = f"newton {record.get('newton/mean_iterations') or 0:.1f} it"
+        return text + (f", fallback {record['newton/fallback_rate']:.0%}" if fallbacks else "")
+    return "sequential" if record.get("newton/sequential") else ""
+
+
+def fallback_warning(record: dict, threshold: float = FALLBACK_WARN_RATE) -> str | None:
+    """A warning when Newton was rejected (and the layer recomputed sequentially) for more than
+    ``threshold`` of its solves in this record's interval, naming the layers; None otherwise."""
+    rate = record.get("newton/fallback_rate") or 0.0
+    if rate <= threshold:
+        return None
+    layers = sorted({key.split("/")[1] for key in record if key.startswith("newton/layer")},
+                    key=lambda name: int(name[len("layer"):]))
+    worst = [f"{name}: {record[f'newton/{name}/fallback_rate']:.0%} (last residual "
+             f"{record.get(f'newton/{name}/residual')})" for name in layers
+             if (record.get(f"newton/{name}/fallback_rate") or 0) > 0]
+    return (f"step {record.get('step')}: Newton was rejected for {rate:.0%} of the solves since the "
+            f"previous record ({', '.join(worst)}); those layers were recomputed sequentially, so the "
+            "run is becoming sequential (many times slower on a GPU). Check the recurrent weights' "
+            "bound (model.a_max) and model.newton_max_extra_iters; metrics.jsonl has the per-layer "
+            "residual history")
+
+
 class RunLog:
     """metrics.jsonl, wandb and the progress line of one run (they write on rank 0 only).
     ``resume_step``: the step of the checkpoint the run resumed from (None: a fresh run)."""
@@ -160,7 +195,10 @@ class RunLog:
         self.metrics.write(record)
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))})
-        self.progress.update(record["step"], record["loss"], record["tokens_per_s"], record["skipped"])
+        self.progress.update(record["step"], record["loss"], record["tokens_per_s"], record["skipped"],
+                             newton_summary(record))
+        if self.metrics.enabled and (warning := fallback_warning(record)):
+            print(f"newtonlm: warning: {warning}", file=sys.stderr, flush=True)
 
     def val(self, step: int, tokens_seen: int, val: dict, final: bool = False) -> None:
         """A validation's results ``val`` (``val_loss``, ``val_ppl``, ``val_tokens``) at ``step``;
