@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from newtonlm.data import DataError
+from newtonlm.quiet import quiet_expected_notices
 from newtonlm.training.config import compose_train_config
 from newtonlm.training.errors import UserError
-from newtonlm.training.train import precheck, quiet_expected_warnings, reported_errors
+from newtonlm.training.train import precheck, reported_errors
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -153,7 +154,7 @@ def test_expected_library_warnings_are_filtered_by_source(monkeypatch, caplog):
     monkeypatch.delenv("DS_ACCELERATOR", raising=False)
     hub_kernels = logging.getLogger("transformers.integrations.hub_kernels")
     monkeypatch.setattr(hub_kernels, "filters", list(hub_kernels.filters))  # restored after the test
-    quiet_expected_warnings()
+    quiet_expected_notices()
     assert os.environ["DS_ACCELERATOR"] == "cpu"
     with caplog.at_level(logging.WARNING):
         hub_kernels.warning("`causal_conv1d_fn` is falling back to its reference PyTorch implementation "
@@ -163,7 +164,7 @@ def test_expected_library_warnings_are_filtered_by_source(monkeypatch, caplog):
         logging.getLogger("transformers").warning(other)
     assert [r.getMessage() for r in caplog.records] == ["another message of that logger", other]
     monkeypatch.setenv("DS_ACCELERATOR", "xpu")
-    quiet_expected_warnings()
+    quiet_expected_notices()
     assert os.environ["DS_ACCELERATOR"] == "xpu"  # the user's choice stays
 
 

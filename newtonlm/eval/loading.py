@@ -29,9 +29,9 @@ from newtonlm.export import (
     check_weight_files,
     embedding_rows,
     is_run_dir,
-    known_accelerator,
     no_transformers_bars,
 )
+from newtonlm.quiet import quiet_expected_notices
 
 RECURRENT_TYPES = ("paragru", "paralstm", "pararnn", "mamba2")
 
@@ -97,7 +97,7 @@ def load_for_eval(path: str | Path, step: int | None = None, context: int | None
     path = Path(path)
     if context is not None and context < 1:
         raise ValueError(f"context={context}; expected a positive number of tokens")
-    known_accelerator()  # if a library imports DeepSpeed: no accelerator guess (and no warning)
+    quiet_expected_notices()  # DeepSpeed's accelerator guess, CUDA-kernel hints (newtonlm/quiet.py)
     notes = []
     if is_run_dir(path):
         model, tokenizer, arch, seq_len, tag, notes = load_run(path, step)

@@ -3,9 +3,7 @@ at a time (never by silencing all warnings or all logging):
 
 * DeepSpeed logs ``Setting accelerator to CPU. If you have GPU ...`` when it is imported and has to
   guess the accelerator (``save_pretrained`` imports it through accelerate; consolidating ZeRO
-  shards imports it directly). :func:`known_accelerator` tells it, through its documented
-  ``DS_ACCELERATOR`` variable, what it would have detected: ``cpu`` when no CUDA device is visible.
-  A value the user set is kept; on a CUDA machine nothing is set (DeepSpeed detects CUDA silently).
+  shards imports it directly): ``newtonlm.quiet.known_accelerator`` tells it the accelerator.
 * transformers draws ``Loading weights`` / ``Writing model shards`` bars in ``from_pretrained`` and
   ``save_pretrained`` (tiny for the models we load: the bar is all there is to see).
   :func:`no_transformers_bars` turns transformers' (and huggingface_hub's) bars off around our calls
@@ -23,19 +21,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-import os
-import sys
 
-
-def known_accelerator() -> None:
-    """Set ``DS_ACCELERATOR=cpu`` when no CUDA device is visible, before DeepSpeed is first imported
-    (it reads the variable once, at import). Does nothing if the user set it or DeepSpeed is loaded."""
-    if "DS_ACCELERATOR" in os.environ or "deepspeed" in sys.modules:
-        return
-    import torch
-
-    if torch.cuda.device_count() == 0:  # DeepSpeed's own test: cuda if device_count() > 0 and available
-        os.environ["DS_ACCELERATOR"] = "cpu"
+from ..quiet import known_accelerator
 
 
 @contextlib.contextmanager

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import os
 import sys
 import traceback
@@ -31,6 +30,7 @@ from omegaconf import DictConfig
 
 from ..data.errors import DataError
 from ..paths import CONFIG_DIR
+from ..quiet import quiet_expected_notices
 from .config import check_job, check_run_dir, compose_train_config, register_schemas
 from .errors import UserError
 
@@ -106,39 +106,6 @@ def precheck(argv: list[str]) -> DictConfig | None:
     return cfg
 
 
-class _DropMessages(logging.Filter):
-    """Drop the records of one logger whose message contains one of ``fragments``."""
-
-    def __init__(self, *fragments: str):
-        super().__init__()
-        self.fragments = fragments
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(f in record.getMessage() for f in self.fragments)
-
-
-def quiet_expected_warnings() -> None:
-    """Keep two library warnings that every CPU run would print, and that ask for nothing, off the
-    console; each by its exact source, never by silencing warnings or a whole library:
-
-    * DeepSpeed's "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable
-      to detect it", logged when it has to guess: with no CUDA device visible we tell it through its
-      documented ``DS_ACCELERATOR=cpu`` (a value the user set is kept);
-    * transformers' "`...` is falling back to its reference PyTorch implementation because
-      `mamba_ssm` (or `causal_conv1d`) is not installed" (logger
-      ``transformers.integrations.hub_kernels``, Mamba2): those packages are CUDA kernels, so on CPU
-      the reference path is the only one. On a GPU the hint stays.
-
-    Imports torch (the job needs it anyway)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    logging.getLogger("transformers.integrations.hub_kernels").addFilter(
-        _DropMessages("is falling back to its reference PyTorch implementation"))
-
-
 def _world_size() -> int:
     """The launcher's world size (torchrun, the deepspeed launcher: WORLD_SIZE; Slurm: SLURM_NTASKS)."""
     return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
@@ -152,7 +119,7 @@ def _job(cfg: DictConfig) -> None:
     with reported_errors():
         if HydraConfig.get().mode == RunMode.MULTIRUN:  # precheck saw the first job's settings only
             check_job(cfg, _world_size())
-        quiet_expected_warnings()
+        quiet_expected_notices()  # newtonlm/quiet.py: DeepSpeed's accelerator guess, CUDA-kernel hints
         from .loop import run
 
         run(cfg)
