@@ -52,6 +52,7 @@ from .distributed import (
     broadcast_object,
     init_distributed,
 )
+from .errors import UserError
 from .lock import RunDirectoryInUse, RunLock
 from .metrics import RunLog, mfu, peak_flops
 from .optim import build_optimizer, build_scheduler, deepspeed_config
@@ -334,7 +335,10 @@ def _build_engine(cfg: DictConfig, train_cfg: TrainConfig, info: DistInfo, vocab
     :class:`Job` fields of those)."""
     world = info.world_size
     torch.manual_seed(train_cfg.seed)
-    model = build_model(cfg.model, vocab)
+    try:
+        model = build_model(cfg.model, vocab)
+    except ValueError as exc:  # a model.* value the architecture's config rejects: the user's to fix
+        raise UserError(f"model ({cfg.model.get('arch')}): {exc}") from exc
     if train_cfg.activation_checkpointing:
         model.gradient_checkpointing_enable()
     parameters = count_parameters(model)
