@@ -201,7 +201,7 @@ def _check_loaded_a_max(module, state_dict, prefix, local_metadata, *_):
         top = top.item()
         where = f"{prefix + name} (max |value| {top:.4g} > a_max={module.a_max})"
         if _accept_clamped:
-            log.warning("loading %s: accepted, the clamp to [-a_max, a_max] applies in every "
+            log.info("loading %s: accepted, the clamp to [-a_max, a_max] applies in every "
                         "forward (accept_clamped_weights)", where)
             continue
         raise ValueError(
@@ -217,7 +217,7 @@ def _check_loaded_a_max(module, state_dict, prefix, local_metadata, *_):
 @contextlib.contextmanager
 def accept_clamped_weights():
     """Within this context ParaRNN layers load recurrent weights beyond their ``a_max`` (logged per
-    parameter): for weights trained by newtonlm with the same ``a_max``, whose clamp is part of
+    parameter at INFO level: the normal case for trained weights, not a console warning): for weights trained by newtonlm with the same ``a_max``, whose clamp is part of
     the model, arriving without the metadata a newtonlm state_dict carries (e.g. consolidated by
     DeepSpeed's zero_to_fp32)."""
     global _accept_clamped
