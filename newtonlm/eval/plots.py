@@ -5,7 +5,8 @@ dict per run with ``arch``, ``size``, ``parameters``, ``val_curve`` [(tokens, va
 and ``long``, the
 perplexity results at the training length and at several times it) and writes one figure.
 Colours mark the architecture, line styles / markers the size. Synthetic suite:
-:func:`accuracy_vs_length`. Scaling laws (``newtonlm.eval.scaling``): :func:`scaling_fit`.
+:func:`accuracy_vs_length`. Scaling laws (``newtonlm.eval.scaling``): :func:`scaling_fit`. Cost
+against context length (``newtonlm.models.bench --json`` reports): :func:`context_cost`.
 """
 
 from __future__ import annotations
@@ -157,3 +158,65 @@ def scaling_fit(points: dict, unfinished: list, curves: dict, crossings: list, x
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def context_cost(reports: list[dict], out_dir: Path) -> list[Path]:
+    """Cost against context length from the ``--json`` reports of ``python -m newtonlm.models.bench``
+    (training and/or ``--generation``; rows as in ``bench.training_row`` / ``bench.generation_row``):
+    training tokens/s and peak memory against T, generation time per token and cache memory against
+    the context, one line per architecture (colour) and size (line style), log-log axes. Points that
+    did not fit are left out and named in the legend. Also ``python -m newtonlm.eval.plots context
+    OUT_DIR JSON...``. Returns the paths written (two per kind of report)."""
+    panels = {"training": ("T", "training sequence length T (tokens)",
+                           [("tokens_per_s", "training tokens/s (fwd + bwd)", "training_tokens_per_s"),
+                            ("peak_mem_mb", "peak memory growth per step (MB)", "training_memory")]),
+              "generation": ("context", "context length (tokens)",
+                             [("ms_per_token", "time per generated token (ms)", "generation_ms_per_token"),
+                              ("cache_mb", "cache size after the prefill (MB)", "generation_cache")])}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for kind, (xkey, xlabel, figures) in panels.items():
+        mine = [rep for rep in reports if rep.get("kind", "training") == kind]
+        rows = [r for rep in mine for r in rep["rows"]]
+        if not rows:
+            continue
+        style = _style(rows)
+        device = ", ".join(dict.fromkeys(rep.get("device", "cpu") for rep in mine))
+        for key, ylabel, name in figures:
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            for arch, size in dict.fromkeys((r["arch"], r["size"]) for r in rows):
+                line = [r for r in rows if (r["arch"], r["size"]) == (arch, size)]
+                color, ls, marker = style(line[0])
+                pts = sorted((r[xkey], r[key]) for r in line if r.get("fits", True))
+                missing = ", ".join(str(r[xkey]) for r in line if not r.get("fits", True))
+                label = f"{arch} {size}" + (f" (does not fit: {missing})" if missing else "")
+                ax.plot(*zip(*pts) if pts else ([], []), ls, color=color, marker=marker, ms=4, label=label)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{kind}, {device}", fontsize=9)
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=7, ncol=2)
+            fig.tight_layout()
+            paths.append(out_dir / f"{name}.png")
+            fig.savefig(paths[-1], dpi=120)
+            plt.close(fig)
+    return paths
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m newtonlm.eval.plots",
+                                     description="Figures from saved results.")
+    parser.add_argument("what", choices=["context"], help="context: models.bench --json reports")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("reports", type=Path, nargs="+", help="JSON files written by the command")
+    args = parser.parse_args()
+    for p in args.reports:
+        if not p.is_file():
+            parser.error(f"{p}: no such file; expected the --json output of python -m newtonlm.models.bench")
+    for p in context_cost([json.loads(p.read_text()) for p in args.reports], args.out_dir):
+        print(p)
