@@ -140,7 +140,7 @@ def test_estimate_from_the_largest_measured_point():
 
 def test_running_out_of_memory_is_a_clean_error_within_the_limit():
     cpu = torch.device("cpu")
-    value, reason = bench._guarded(cpu, 16 * 2**20, torch.ones, 2**25)  # 128 MB
+    value, reason = bench._guarded(cpu, 16 * 2**20, torch.ones, 2**25)  # 128 MB > 16 MB + 64 MB headroom
     assert value is None and reason.startswith("out of memory within the budget of 16 MB (")
     assert bench._guarded(cpu, 16 * 2**20, torch.ones, 2**20)[0].numel() == 2**20  # 4 MB fits
     assert torch.ones(2**25).numel() == 2**25  # the limit is lifted afterwards

@@ -17,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 COLORS = {"paragru": "tab:blue", "paralstm": "tab:green", "llama": "tab:red", "mamba2": "tab:purple"}
 STYLES = ["-", "--", ":", "-."]
@@ -192,7 +193,13 @@ def context_cost(reports: list[dict], out_dir: Path) -> list[Path]:
                 label = f"{arch} {size}" + (f" (does not fit: {missing})" if missing else "")
                 ax.plot(*zip(*pts) if pts else ([], []), ls, color=color, marker=marker, ms=4, label=label)
             ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
+            xs = sorted({r[xkey] for r in rows})
+            ax.set_xticks(xs, [str(x) for x in xs], minor=False)
+            ax.xaxis.set_minor_locator(ticker.NullLocator())
+            ax.set_yscale("log")  # plain numbers at 1, 2, 5 x 10^k, not 6 x 10^0
+            ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
+            ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(ticker.NullFormatter())
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
             ax.set_title(f"{kind}, {device}", fontsize=9)

@@ -26,9 +26,9 @@ Memory, measured in one separate untimed step (training) or over the prefill + f
 "Does not fit": a point is not run when the memory extrapolated from the same model's largest
 measured point (linear in tokens per step) exceeds the budget (``--mem-budget-gb``, default 60 % of
 the memory available at start: ``MemAvailable`` on CPU, free device memory on CUDA), or when it runs
-out of memory (on CPU the process's data segment is limited to its size + the budget during each
-step, so that running out is a clean allocation error, not the kernel's OOM killer); its row says
-why and the command goes on.
+out of memory (on CPU the process's data segment is limited to its size + the budget + 64 MB during
+each step, so that running out is a clean allocation error, not the kernel's OOM killer); its row
+says why and the command goes on.
 """
 
 from __future__ import annotations
@@ -143,16 +143,19 @@ class _PeakMemory:
         return self.peak - self.base
 
 
+LIMIT_HEADROOM = 64 * 2**20  # above the budget: thread stacks (the memory sampler's, OpenMP's), arenas
+
+
 @contextlib.contextmanager
 def _memory_limit(device: torch.device, budget: int):
-    """On CPU, limit the data segment to its size now + ``budget`` bytes: an allocation beyond it
-    fails with an error (caught as "does not fit") instead of waking the OOM killer on a shared
-    machine. On CUDA the allocator raises ``OutOfMemoryError`` by itself."""
+    """On CPU, limit the data segment to its size now + ``budget`` + :data:`LIMIT_HEADROOM` bytes:
+    an allocation beyond it fails with an error (caught as "does not fit") instead of waking the OOM
+    killer on a shared machine. On CUDA the allocator raises ``OutOfMemoryError`` by itself."""
     if device.type == "cuda":
         yield
         return
     old = resource.getrlimit(resource.RLIMIT_DATA)
-    limit = _vmdata_bytes() + budget
+    limit = _vmdata_bytes() + budget + LIMIT_HEADROOM
     if old[1] != resource.RLIM_INFINITY:
         limit = min(limit, old[1])
     resource.setrlimit(resource.RLIMIT_DATA, (limit, old[1]))
