@@ -18,7 +18,7 @@ def test_compare_end_to_end_and_resume(tmp_path, monkeypatch):
     runs, out = tmp_path / "runs", tmp_path / "out"
     train = [*_smoke_train(), f"data.tokenizer.cache_dir={tmp_path}"]
     args = ["scale=smoke", "name=t", "archs=[paragru,llama]", f"runs_dir={runs}", f"out_dir={out}",
-            "train=[" + ",".join(f"'{o}'" for o in train) + "]"]  # quoted: the elements contain '='
+            "trainer=[" + ",".join(f"'{o}'" for o in train) + "]"]  # quoted: the elements contain '='
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-m", "newtonlm.eval.compare", *args], cwd=REPO, env=env,
@@ -62,4 +62,4 @@ def test_compare_end_to_end_and_resume(tmp_path, monkeypatch):
 def _smoke_train() -> list[str]:
     from omegaconf import OmegaConf
 
-    return list(OmegaConf.load(REPO / "configs" / "eval" / "scale" / "smoke.yaml")["train"])
+    return list(OmegaConf.load(REPO / "configs" / "eval" / "scale" / "smoke.yaml")["trainer"])

@@ -6,7 +6,7 @@ token budget, then write a markdown table and PNG plots.
     python -m newtonlm.eval.compare scale=smoke name=x   # a few steps (the test)
 
 For each architecture x size the trainer runs as a subprocess (``launcher`` + Hydra overrides: the
-size's preset and model overrides, then the shared ``train`` overrides, run directory
+size's preset and model overrides, then the shared ``trainer`` overrides, run directory
 ``<runs_dir>/<arch>_<size>``); a run whose metrics already hold the final validation is not
 retrained (``rerun=true`` retrains), an interrupted one resumes. Each trained model is then
 evaluated with the perplexity command's code on its held-out split twice: in sequences of the
@@ -49,7 +49,7 @@ SRC = Path(__file__).resolve().parents[2]  # the directory holding the newtonlm 
 @dataclass
 class CompareConfig:
     """``name``: labels the results (``docs/results/<name>``); ``archs``; ``sizes``: label ->
-    SizeConfig (in order: smallest first); ``train``: trainer overrides shared by every run (data,
+    SizeConfig (in order: smallest first); ``trainer``: trainer overrides shared by every run (data,
     token budget, schedule...); ``launcher``: command prefix of the trainer (empty: this Python,
     ``-m newtonlm.training.train``); ``threads``: OMP_NUM_THREADS for the runs and the evaluation (0:
     unset); ``eval_factor``: long-evaluation length / training length; ``eval_max_tokens``: cap on
@@ -59,7 +59,7 @@ class CompareConfig:
     name: str = "cpu"
     archs: list[str] = field(default_factory=lambda: list(ARCHS))
     sizes: dict[str, SizeConfig] = field(default_factory=dict)
-    train: list[str] = field(default_factory=list)
+    trainer: list[str] = field(default_factory=list)  # not `train`: that names the trainer's config group
     launcher: list[str] = field(default_factory=list)
     runs_dir: str = "runs/compare/${name}"
     out_dir: str = "docs/results/${name}"
@@ -78,7 +78,7 @@ def run_overrides(cfg: CompareConfig, arch: str, size: str, run_dir: Path) -> li
     """The trainer's Hydra overrides for one run."""
     spec = cfg.sizes[size]
     model = [f"model.{o}" for o in override_list(spec, arch)]
-    return [f"model={arch}_{spec.preset}", *model, *cfg.train, f"hydra.run.dir={run_dir}"]
+    return [f"model={arch}_{spec.preset}", *model, *cfg.trainer, f"hydra.run.dir={run_dir}"]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -192,7 +192,7 @@ def markdown(rows: list[dict], cfg: CompareConfig, command: str, machine: str, s
         "Produced by (from the repository root):", "", "```bash", command, "```", "",
         f"Machine: {machine}. This invocation took {seconds / 60:.1f} min (training included for the runs "
         "it trained).", "",
-        f"Every run: the same data and token budget (trainer overrides `{' '.join(cfg.train)}`). "
+        f"Every run: the same data and token budget (trainer overrides `{' '.join(cfg.trainer)}`). "
         f"Perplexity and bits per byte: `newtonlm.eval.perplexity` on each run's held-out split in "
         f"sequences of the training length T = {T}; the last two columns: the same text in sequences "
         f"of {L} tokens, positions below T and from T on (recurrent models carry their state, "

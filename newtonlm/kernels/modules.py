@@ -217,9 +217,9 @@ def _check_loaded_a_max(module, state_dict, prefix, local_metadata, *_):
 @contextlib.contextmanager
 def accept_clamped_weights():
     """Within this context ParaRNN layers load recurrent weights beyond their ``a_max`` (logged per
-    parameter at INFO level: the normal case for trained weights, not a console warning): for weights trained by newtonlm with the same ``a_max``, whose clamp is part of
-    the model, arriving without the metadata a newtonlm state_dict carries (e.g. consolidated by
-    DeepSpeed's zero_to_fp32)."""
+    parameter at INFO level: the normal case for trained weights, not a console warning): for
+    weights trained by newtonlm with the same ``a_max``, whose clamp is part of the model, arriving
+    without the metadata a newtonlm state_dict carries (e.g. consolidated by DeepSpeed's zero_to_fp32)."""
     global _accept_clamped
     before, _accept_clamped = _accept_clamped, True
     try:
