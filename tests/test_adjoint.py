@@ -58,6 +58,7 @@ def test_cpu_paths_fp64(cell, mode, T):
           with_h0=T != 7, tol=F64, newton=NewtonConfig(max_iters=12))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cell", CELLS, ids=lambda c: c.name)
 @pytest.mark.parametrize("mode", ["sequential", "parallel"])
 def test_cpu_paths_fp32_long(cell, mode):

@@ -80,6 +80,7 @@ def test_custom_cell_forward_and_gradients(cell, mode):
     assert stats.fallbacks == 0
 
 
+@pytest.mark.slow
 def test_custom_cell_in_a_layer_with_gradcheck():
     layer = ParaRNN(RotatingCell(), input_dim=4, state_dim=6, num_heads=2, mode="parallel",
                     newton=NewtonConfig(max_iters=8)).double()

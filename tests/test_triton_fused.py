@@ -32,7 +32,7 @@ from newtonlm.kernels.triton_fused import (
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 B, N, BLOCK_N = 2, 20, 16  # N = 20 over blocks of 16: the second block is partial
 # (T, chunk): one partial chunk (T = 1, 2), several chunks with a partial last one (7, 40)
-CASES = [(1, 16), (2, 16), (7, 4), (40, 16)]
+CASES = [(1, 16), (2, 16), (7, 4), pytest.param(40, 16, marks=pytest.mark.slow)]
 
 
 def _params(dtype, lstm=False):
@@ -101,7 +101,8 @@ def test_gru_fp64(T, chunk, with_h0):
 
 
 @pytest.mark.parametrize("T,chunk,with_s0", [(1, 2, True), (2, 2, False), (7, 4, True),
-                                              (7, 4, False), (20, 8, True)])
+                                              (7, 4, False),
+                                              pytest.param(20, 8, True, marks=pytest.mark.slow)])
 def test_lstm_fp64(T, chunk, with_s0):
     A, C = _params(torch.float64, lstm=True)
     u, s0 = _inputs(T, torch.float64, with_s0, lstm=True)
