@@ -254,8 +254,12 @@ def add_ratios(rows: list[dict], key: str = "tokens_per_s"):
         r["ratio_vs_llama"] = r[key] / ref[key] if ref and r[key] else None
 
 
-def _guarded(device, budget: int, fn, *args):
-    """``(fn(*args), None)``, or ``(None, reason)`` when it runs out of memory."""
+def _guarded(device, budget: int, fn, *args, release: bool = False):
+    """``(fn(*args), None)``, or ``(None, reason)`` when it runs out of memory. ``release``: return
+    freed memory first (the memory step and the prefill, which do so anyway), so that the limit
+    counts from what is in use, not from what the allocator kept of earlier steps."""
+    if release:
+        _release(device)
     try:
         with _memory_limit(device, budget):
             return fn(*args), None
@@ -285,7 +289,8 @@ def run(sizes=("demo", "10m"), seq_lens=(512, 2048), tokens: int = 4096, reps: i
             for a in archs:
                 reasons[a] = estimate_fit(largest.get(a), batch, T, budget)
                 if reasons[a] is None:
-                    mems[a], reasons[a] = _guarded(device, budget, _first_steps, models[a], ids, warmup)
+                    mems[a], reasons[a] = _guarded(device, budget, _first_steps, models[a], ids, warmup,
+                                                   release=True)
             for _ in range(reps):
                 for a in archs:
                     if reasons[a] is None:
@@ -410,7 +415,8 @@ def run_generation(sizes=("demo",), contexts=(512, 2048), new_tokens: int = 16, 
                     continue
                 _release(device)
                 base = _memory_now(device)
-                out, reason = _guarded(device, budget, _prefill_measured, models[a], ids, prefill_chunk)
+                out, reason = _guarded(device, budget, _prefill_measured, models[a], ids, prefill_chunk,
+                                       release=True)
                 if reason is not None:
                     state[a], failed[a] = reason, L
                     continue
