@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .packing import PackedSequences
+from .errors import DataError
+from .packing import PackedSequences, fresh_state
 from .rng import hash_text, mix64, random_below, uniform
-from .shards import ShardSequences, ShardSet
-from .sources import DocumentSource
+from .shards import ShardOrder, ShardSet
 from .tokenizer import TextEncoder
 
 _ORDER, _SHARD_ORDER, _MIX, _BUFFER = 1, 2, 3, 4  # purposes of the random keys
@@ -49,7 +49,7 @@ class Mixture:
             weights = np.where(active, self.weights, 0.0)
             cumulative = np.cumsum(weights) / weights.sum()
             i = min(int(np.searchsorted(cumulative, uniform(self.key, self.draws), side="right")),
-                    len(weights) - 1)
+                    int(np.flatnonzero(active)[-1]))  # the last active one if the sum rounds below 1
             seq = next(iterators[i], None)
             if seq is None:
                 active[i] = False
@@ -61,27 +61,47 @@ class Mixture:
 class ShuffleBuffer:
     """A shuffle buffer of ``size`` sequences (0: pass-through): once full, each incoming sequence
     replaces a uniformly drawn one, which is emitted; at the end of a finite stream the rest is
-    emitted in random order."""
+    emitted in random order. A buffer holding more than ``size`` sequences (after a re-map onto
+    fewer streams) first emits uniformly drawn ones until it holds ``size``, before reading more.
+    ``generation``: how many re-maps the stream descends from (part of its random keys, kept in
+    the state)."""
 
     def __init__(self, upstream: Mixture, size: int, key: int, seq_len: int, draws: int = 0,
-                 items: torch.Tensor | None = None):
+                 items: torch.Tensor | None = None, generation: int = 0):
         self.upstream = upstream
         self.size = size
         self.key = key
         self.seq_len = seq_len
         self.draws = draws
         self.items = [] if items is None else list(items.numpy())
+        self.generation = generation
 
     def state_dict(self) -> dict:
         items = (torch.from_numpy(np.stack(self.items)) if self.items
                  else torch.zeros(0, self.seq_len + 1, dtype=torch.int32))
-        return {"draws": self.draws, "items": items, "upstream": self.upstream.state_dict()}
+        return {"generation": self.generation, "draws": self.draws, "items": items,
+                "upstream": self.upstream.state_dict()}
+
+    def _draw(self) -> np.ndarray:
+        """Remove and return a uniformly drawn item."""
+        j = random_below(len(self.items), self.key, self.draws)
+        self.draws += 1
+        out = self.items[j]
+        self.items[j] = self.items[-1]
+        self.items.pop()
+        return out
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        if self.size == 0:
-            yield from self.upstream
-            return
-        for seq in self.upstream:
+        upstream = iter(self.upstream)
+        while True:
+            while len(self.items) > self.size:  # before reading on, so the state never loses one
+                yield self._draw()
+            seq = next(upstream, None)
+            if seq is None:
+                break
+            if self.size == 0:
+                yield seq
+                continue
             if len(self.items) < self.size:
                 self.items.append(seq)
                 continue
@@ -90,12 +110,7 @@ class ShuffleBuffer:
             out, self.items[j] = self.items[j], seq
             yield out
         while self.items:
-            j = random_below(len(self.items), self.key, self.draws)
-            self.draws += 1
-            out = self.items[j]
-            self.items[j] = self.items[-1]
-            self.items.pop()
-            yield out
+            yield self._draw()
 
 
 @dataclass
@@ -121,27 +136,99 @@ class PipelineSpec:
     num_epochs: int | None = None
     batch_docs: int = 32
 
+    @property
+    def is_shards(self) -> bool:
+        """Pre-tokenized shards (every source a ShardSet) rather than streaming documents."""
+        kinds = {isinstance(src, ShardSet) for src in self.sources}
+        if len(kinds) != 1:
+            raise DataError("a pipeline mixes ShardSet and DocumentSource sources; expected one kind")
+        return kinds == {True}
+
+    def shard_order(self) -> ShardOrder:
+        """The global order of the shard sequences (``shards.ShardOrder``): its keys depend on the
+        seed and the source names only, never on the rank or the number of streams."""
+        assert self.is_shards
+        keys = [mix64(self.seed, _SHARD_ORDER, hash_text(src.name)) if self.shuffle else None
+                for src in self.sources]
+        return ShardOrder(self.sources, self.weights, self.seq_len, shuffle_keys=keys,
+                          mix_key=mix64(self.seed, _MIX), num_epochs=self.num_epochs)
+
     def build(self, stream: int, num_streams: int, state: dict | None = None) -> ShuffleBuffer:
-        """The pipeline of stream ``stream`` of ``num_streams``, resumed from ``state`` if given."""
+        """The streaming pipeline of stream ``stream`` of ``num_streams``, resumed from ``state``
+        if given. The document order of an epoch is global (``_ORDER`` key: seed only); the
+        mixture's and the buffer's keys are per stream and per generation (re-maps so far)."""
+        assert not self.is_shards
         state = state or {}
+        generation = state.get("generation", 0)
         upstream_state = state.get("upstream", {})
         source_states = upstream_state.get("sources", [None] * len(self.sources))
-        streams = []
-        for source, source_state in zip(self.sources, source_states):
-            if isinstance(source, ShardSet):
-                key = mix64(self.seed, _SHARD_ORDER, hash_text(source.name)) if self.shuffle else None
-                streams.append(ShardSequences(
-                    source, self.seq_len, stream=stream, num_streams=num_streams, shuffle_key=key,
-                    num_epochs=self.num_epochs, state=source_state))
-            else:
-                assert isinstance(source, DocumentSource) and self.encoder is not None
-                streams.append(PackedSequences(
-                    source, self.encoder, self.seq_len, split=self.split, val_fraction=self.val_fraction,
-                    stream=stream, num_streams=num_streams,
-                    order_seed=mix64(self.seed, _ORDER) if self.shuffle else None,
-                    num_epochs=self.num_epochs, batch_docs=self.batch_docs, state=source_state))
-        mixture = Mixture(streams, self.weights, mix64(self.seed, _MIX, stream, num_streams),
+        order_seed = mix64(self.seed, _ORDER) if self.shuffle else None
+        streams = [PackedSequences(
+            source, self.encoder, self.seq_len, split=self.split, val_fraction=self.val_fraction,
+            stream=stream, num_streams=num_streams, order_seed=order_seed,
+            num_epochs=self.num_epochs, batch_docs=self.batch_docs, state=source_state)
+            for source, source_state in zip(self.sources, source_states)]
+        mixture = Mixture(streams, self.weights, mix64(self.seed, _MIX, stream, num_streams, generation),
                           draws=upstream_state.get("draws", 0))
-        size = self.shuffle_buffer if self.shuffle and not isinstance(self.sources[0], ShardSet) else 0
-        return ShuffleBuffer(mixture, size, mix64(self.seed, _BUFFER, stream, num_streams), self.seq_len,
-                             draws=state.get("draws", 0), items=state.get("items"))
+        size = self.shuffle_buffer if self.shuffle else 0
+        return ShuffleBuffer(mixture, size, mix64(self.seed, _BUFFER, stream, num_streams, generation),
+                             self.seq_len, draws=state.get("draws", 0), items=state.get("items"),
+                             generation=generation)
+
+
+def remap_stream_states(spec: PipelineSpec, states: list[dict | None],
+                        num_streams: int) -> tuple[list[dict], dict]:
+    """Streaming states of ``len(states)`` streams (None: not started) -> states of ``num_streams``
+    new streams that together train on exactly what the old ones had not yet trained on.
+
+    Per source, every old stream s of S leaves: its runs (the first one, the document in progress,
+    from its current token), then the regular runs ``[e, s, S, 0]`` of the epochs between its own
+    next regular epoch and E = the largest next regular epoch of all old streams (streams drift
+    apart in epochs: they pack documents of different lengths). Epochs from E on are untouched by
+    every old stream and are partitioned among the new streams as usual. The leftover runs are
+    dealt out, run i to new stream ``i % num_streams``, the runs in progress first (so that new
+    streams start in the middle of a document whose current token was already a target, and lose
+    no token). A run in progress dealt behind another run starts one token later: its current
+    token was the last target of the old stream's last window. Sequences held in shuffle buffers
+    are dealt the same way (item i to new stream ``i % num_streams``); draw counters restart at 0
+    under the keys of the next generation.
+
+    Returns (new states, counts for the description: runs, runs in progress, buffered sequences).
+    """
+    assert not spec.is_shards and num_streams >= 1
+    old_streams = len(states)
+    states = [s or {} for s in states]
+    source_states = [(s.get("upstream") or {}).get("sources") or [None] * len(spec.sources) for s in states]
+    limit = spec.num_epochs
+    new_sources: list[list[dict]] = [[] for _ in range(num_streams)]
+    counts = {"runs": 0, "in_progress": 0, "buffered": 0}
+    for i in range(len(spec.sources)):
+        packers = [source_states[s][i] or fresh_state() for s in range(old_streams)]
+        last = max(p["epoch"] for p in packers)
+        if limit is not None:
+            last = min(last, limit)
+        in_progress, rest = [], []
+        for s, p in enumerate(packers):
+            runs = [list(r) for r in p["runs"]]
+            runs += [[e, s, old_streams, 0] for e in range(p["epoch"], last)]
+            if runs and p["primed"] and p["runs"]:
+                in_progress.append(runs.pop(0))
+            rest += [(run, False) for run in runs]
+        dealt = [(run, True) for run in in_progress] + rest
+        counts["runs"] += len(dealt)
+        counts["in_progress"] += len(in_progress)
+        for new in range(num_streams):
+            mine = dealt[new::num_streams]
+            runs = [[e, p, stride, offset + (primed and k > 0)] for k, ([e, p, stride, offset], primed)
+                    in enumerate(mine)]
+            new_sources[new].append({"runs": runs, "epoch": last, "primed": bool(mine and mine[0][1])})
+    items = [row for s in states if s.get("items") is not None for row in s["items"]]
+    counts["buffered"] = len(items)
+    generation = 1 + max(s.get("generation", 0) for s in states)
+    empty = torch.zeros(0, spec.seq_len + 1, dtype=torch.int32)
+    out = []
+    for new in range(num_streams):
+        mine = items[new::num_streams]
+        out.append({"generation": generation, "draws": 0, "items": torch.stack(mine) if mine else empty,
+                    "upstream": {"draws": 0, "sources": new_sources[new]}})
+    return out, counts

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -75,3 +77,18 @@ class IndexPermutation:
         while x >= self.n:
             x = self._feistel(x)
         return x
+
+
+def _splitmix64_array(x: np.ndarray) -> np.ndarray:
+    """``_splitmix64`` on every element of a uint64 array (multiplications wrap modulo 2**64)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def uniform_array(key: int, counters: np.ndarray) -> np.ndarray:
+    """``uniform(key, c)`` for every ``c`` of ``counters`` (non-negative integers), float64, vectorized:
+    the shard mixture draws one value per global sequence index."""
+    x = np.asarray(counters, dtype=np.int64).astype(np.uint64) ^ np.uint64(mix64(key))
+    return (_splitmix64_array(x) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
