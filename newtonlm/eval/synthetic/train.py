@@ -3,7 +3,8 @@
 Plain PyTorch in-process (these models have tens of thousands of parameters; the DeepSpeed
 pretraining job is not needed): AdamW, linear warmup then cosine decay to 10%, gradient clipping,
 cross-entropy on the scored positions only. Each step draws a fresh batch of one length, uniform in
-``[min_len, max_len]``, from :func:`tasks.batch_rng` (seed, task, step), so a run is reproducible.
+``[min_len, max_len]`` (or, during a length curriculum, in ``[min_len, curriculum_max_len(step)]``),
+from :func:`tasks.batch_rng` (seed, task, step), so a run is reproducible.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from .tasks import IGNORE, TaskConfig, batch_rng, generate, min_length, vocab_si
 class TrainSettings:
     """``steps`` optimizer steps of ``batch_size`` sequences, lengths uniform in ``[min_len,
     max_len]``; AdamW (``lr``, ``weight_decay``), ``warmup_steps`` then cosine to 0.1 x lr
-    (:func:`lr_schedule`), ``grad_clip`` (0: off)."""
+    (:func:`lr_schedule`), ``grad_clip`` (0: off); ``curriculum_steps`` (0: off): the longest
+    length grows linearly from ``min_len`` to ``max_len`` over these first steps
+    (:func:`curriculum_max_len`)."""
 
     steps: int = 1000
     batch_size: int = 16
@@ -35,6 +38,16 @@ class TrainSettings:
     weight_decay: float = 0.0
     warmup_steps: int = 50
     grad_clip: float = 1.0
+    curriculum_steps: int = 0
+
+
+def curriculum_max_len(settings: TrainSettings, step: int) -> int:
+    """The longest length drawn at ``step`` (0-based): ``min_len + (max_len - min_len) * (step + 1) //
+    curriculum_steps`` during the curriculum, ``max_len`` after it (and without one)."""
+    s = settings
+    if step >= s.curriculum_steps:
+        return s.max_len
+    return s.min_len + (s.max_len - s.min_len) * (step + 1) // s.curriculum_steps
 
 
 def _scored_loss(model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +78,9 @@ def train_model(task: str, task_cfg: TaskConfig, arch: str, size: SizeConfig, se
                          f"<= min_len <= max_len for task {task!r}")
     if s.steps < 1 or s.batch_size < 1:
         raise ValueError(f"steps={s.steps}, batch_size={s.batch_size}; expected positive integers")
+    if not 0 <= s.curriculum_steps <= s.steps:
+        raise ValueError(f"curriculum_steps={s.curriculum_steps}; expected an integer in "
+                         f"[0, steps={s.steps}]")
     torch.manual_seed(seed)
     model = build_model(model_fields(size, arch), vocab_size(task, task_cfg))
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.98), weight_decay=s.weight_decay)
@@ -73,7 +89,7 @@ def train_model(task: str, task_cfg: TaskConfig, arch: str, size: SizeConfig, se
     losses, t0 = [], time.perf_counter()
     for step in range(s.steps):
         rng = batch_rng(seed, task, 0, step)
-        length = int(rng.integers(s.min_len, s.max_len + 1))
+        length = int(rng.integers(s.min_len, curriculum_max_len(s, step) + 1))
         x, y = (torch.from_numpy(a) for a in generate(task, task_cfg, s.batch_size, length, rng))
         loss, _ = _scored_loss(model, x, y)
         opt.zero_grad(set_to_none=True)
