@@ -189,9 +189,14 @@ def remap_stream_states(spec: PipelineSpec, states: list[dict | None],
     dealt out, run i to new stream ``i % num_streams``, the runs in progress first (so that new
     streams start in the middle of a document whose current token was already a target, and lose
     no token). A run in progress dealt behind another run starts one token later: its current
-    token was the last target of the old stream's last window. Sequences held in shuffle buffers
-    are dealt the same way (item i to new stream ``i % num_streams``); draw counters restart at 0
-    under the keys of the next generation.
+    token was the last target of the old stream's last window. Conversely, a run starting at
+    ``offset > 0`` that is not in progress (one dealt behind another run by an earlier re-map: token
+    ``offset - 1`` was a target) and lands first in a new stream starts one token earlier, as a run
+    in progress. So a stream's first token (only an input, never a target) is a token already
+    trained on, unless the stream starts at the beginning of a document: then that one token is
+    not trained on, as the first token of every stream of an uninterrupted run. Sequences held in
+    shuffle buffers are dealt the same way (item i to new stream ``i % num_streams``); draw
+    counters restart at 0 under the keys of the next generation.
 
     Returns (new states, counts for the description: runs, runs in progress, buffered sequences).
     """
@@ -218,10 +223,14 @@ def remap_stream_states(spec: PipelineSpec, states: list[dict | None],
         counts["runs"] += len(dealt)
         counts["in_progress"] += len(in_progress)
         for new in range(num_streams):
-            mine = dealt[new::num_streams]
-            runs = [[e, p, stride, offset + (primed and k > 0)] for k, ([e, p, stride, offset], primed)
-                    in enumerate(mine)]
-            new_sources[new].append({"runs": runs, "epoch": last, "primed": bool(mine and mine[0][1])})
+            runs, primed = [], False
+            for k, ([e, p, stride, offset], targeted) in enumerate(dealt[new::num_streams]):
+                if k == 0:  # the new stream's first token is only an input: make it one already targeted
+                    primed = targeted or offset > 0
+                    runs.append([e, p, stride, offset - (offset > 0 and not targeted)])
+                else:  # behind another run: start after the token already targeted
+                    runs.append([e, p, stride, offset + targeted])
+            new_sources[new].append({"runs": runs, "epoch": last, "primed": primed})
     items = [row for s in states if s.get("items") is not None for row in s["items"]]
     counts["buffered"] = len(items)
     generation = 1 + max(s.get("generation", 0) for s in states)
