@@ -115,7 +115,7 @@ def test_settings_that_may_change_on_resume():
     cfg["train"].update(lr=3e-3, max_steps=20)  # longer, another learning rate: the schedule follows
     cfg["wandb"]["mode"] = "offline"
     cfg["model"].update(cell_mode="fused", newton_max_iters=5)  # how the recurrence is solved
-    cfg["data"].update(val_batches=4, num_workers=2)  # workers: compared through the loader signature
+    cfg["data"].update(val_batches=4, num_workers=2)  # workers: re-mapped by the loader
     cfg["data"]["sources"]["s"]["paths"] = ["/moved/a.txt"]  # the files: compared by the signature
     cfg["data"]["tokenizer"].update(cache_dir="elsewhere", vocab_size=500)  # the tokenizer: by fingerprint
     cfg["train"]["new_setting_of_a_later_version"] = 1  # absent from the checkpoint: not compared
@@ -141,11 +141,12 @@ def test_check_resume_config_names_every_difference_with_both_values():
         "train.betas ([0.9, 0.95] in the checkpoint, [0.9, 0.99] now)",
         'data files (per source: type, name, fingerprint of the file names and sizes) '
         '([["DocumentSource", "s", "f1"]] in the checkpoint, [["DocumentSource", "s", "f2"]] now)',
-        "data-loader workers (data.num_workers; 0 counts as 1) (1 in the checkpoint, 2 now)",
-        "world size (1 in the checkpoint, 2 now)"]
+        # the world size may change (elastic resume), the global batch may not: 2 x 1 x 1 rank then,
+        # 2 x 1 x 2 ranks now (no train.global_batch_size in either config)
+        "train.global_batch_size (sequences per optimizer step: 2 in the checkpoint, 4 now)"]
     with pytest.raises(ResumeRefused, match=r"^checkpoint ck/step_2 was written with other settings than "
                        r"this run's: model.hidden_size \(32 in the checkpoint, 64 now\); data.shuffle .* "
-                       r"world size \(1 in the checkpoint, 2 now\)\. A resume continues the same run: "
+                       r"4 now\)\. A resume continues the same run: "
                        r".*another hydra.run.dir, or train.resume=none train.overwrite=true"):
         check_resume_config(_facts(), now, "checkpoint ck/step_2")
 

@@ -79,7 +79,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import faults
-from .distributed import all_gather_object, barrier, rank_and_world
+from .distributed import all_gather_object, barrier, broadcast_object, rank_and_world
 from .errors import UserError
 
 _TAG = re.compile(r"^step_(\d{8})$")
@@ -199,6 +199,25 @@ def _os_error(exc: BaseException) -> OSError | None:
     return None
 
 
+def convert_to_universal(folder: Path, out: Path) -> None:
+    """DeepSpeed's ``ds_to_universal`` of the ZeRO checkpoint ``folder`` into the new folder ``out``
+    (its parent gets DeepSpeed's ``latest_universal`` pointer). In this process, serially (no
+    worker processes forked from a trainer); the converter's progress output is swallowed."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=str(folder), output_folder=str(out), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              # newtonlm's models carry no universal-checkpoint metadata (no tensor
+                              # parallelism): DeepSpeed's default one is right for them
+                              inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        ds_to_universal.main(args)
+
+
 class Checkpoints:
     def __init__(self, root: Path, keep_last: int, is_main: bool):
         self.root, self.keep_last, self.is_main = Path(root), keep_last, is_main
@@ -296,20 +315,68 @@ class Checkpoints:
             raise CheckpointError(f"{path} is unreadable ({type(exc).__name__}: {exc})") from exc
         return state
 
+    def saved_world_size(self, tag: str) -> int | None:
+        """The number of ranks that wrote checkpoint ``tag`` (its manifest's ``world_size``); None
+        for a format-1 checkpoint or a manifest without it."""
+        manifest = self.manifest(tag)
+        return None if manifest is None else manifest.get("world_size")
+
     def load(self, engine, tag: str) -> dict:
-        """Load checkpoint ``tag`` into the engine (weights, optimizer, schedule) -> its client state."""
+        """Load checkpoint ``tag`` into the engine (weights, optimizer, schedule) -> its client state.
+        A ZeRO checkpoint written by another number of ranks is first converted to DeepSpeed's
+        universal checkpoint (:meth:`_load_universal`); without ZeRO (stage 0) every rank's optimizer
+        state is whole in the model-states file and loads on any number of ranks as it is. A
+        collective."""
         folder = self.root / tag
         if not (folder / MARKER).is_file():
             raise CheckpointError(f"checkpoint {folder} is missing or incomplete (no {MARKER} marker); "
                                   f"complete ones: {[t for _, t in self.complete()] or 'none'}")
+        saved_world, (_, world) = self.saved_world_size(tag), rank_and_world()
+        if saved_world is not None and saved_world != world and engine.zero_optimization_stage() > 0:
+            return self._load_universal(engine, tag, saved_world)
+        return self._engine_load(engine, self.root, tag, folder)
+
+    @staticmethod
+    def _engine_load(engine, root: Path, tag: str, folder: Path) -> dict:
         try:
-            path, client_state = engine.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=True,
+            path, client_state = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
                                                         load_lr_scheduler_states=True)
         except Exception as exc:
             raise CheckpointError(f"loading checkpoint {folder} failed: {type(exc).__name__}: {exc}") from exc
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {folder}")
         return client_state
+
+    def _load_universal(self, engine, tag: str, saved_world: int) -> dict:
+        """Load a ZeRO checkpoint written by ``saved_world`` ranks on this world size: rank 0 converts
+        it with DeepSpeed's ``ds_to_universal`` into ``<root>/.universal-<tag>/<tag>`` (one tensor
+        file per parameter and optimizer state, independent of the partitioning); every rank then
+        loads its own partition from there (``checkpoint.load_universal``). The original folder is
+        only read; the converted copy is deleted once every rank has loaded it, or when the
+        conversion fails (CheckpointError naming the checkpoint)."""
+        folder, work = self.root / tag, self.root / f".universal-{tag}"
+        error = None
+        if self.is_main:
+            shutil.rmtree(work, ignore_errors=True)  # a leftover of a crashed start
+            try:
+                convert_to_universal(folder, work / tag)
+            except Exception as exc:  # DeepSpeed's converter raises what it meets (asserts included)
+                error = (f"converting checkpoint {folder} (written by {saved_world} ranks) to DeepSpeed's "
+                         f"universal checkpoint for {rank_and_world()[1]} ranks failed: "
+                         f"{type(exc).__name__}: {exc}")
+        error = broadcast_object(error)
+        try:
+            if error:
+                raise CheckpointError(error)
+            engine._config.load_universal_checkpoint = True  # read by load_checkpoint only
+            try:
+                return self._engine_load(engine, work, tag, folder)
+            finally:
+                engine._config.load_universal_checkpoint = False
+        finally:
+            barrier()
+            if self.is_main:
+                shutil.rmtree(work, ignore_errors=True)
 
     # ---- writing -------------------------------------------------------------------------------
 

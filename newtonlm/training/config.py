@@ -43,9 +43,13 @@ class TrainConfig:
 
     Length: ``max_steps`` optimizer steps, or ``max_tokens`` (when > 0, the step count is
     ``ceil(max_tokens / tokens_per_step)`` and overrides ``max_steps``).
-    Batch: ``micro_batch_size`` sequences of ``seq_len`` tokens per rank and micro-step,
-    ``grad_accum`` micro-steps per optimizer step (tokens per step = mbs * seq_len * grad_accum *
-    world size). The loss of a step is the mean over all target tokens of the step on all ranks.
+    Batch: an optimizer step takes ``global_batch_size`` sequences of ``seq_len`` tokens, whatever
+    the number of ranks (tokens per step = global_batch_size * seq_len); each rank runs
+    ``grad_accum`` micro-steps of ``micro_batch_size`` sequences, derived from it and the world
+    size by :func:`batch_plan` (``micro_batch_size`` is then the upper bound per rank). With
+    ``global_batch_size`` 0 (the default) the global batch is ``micro_batch_size * grad_accum *
+    world size`` of the run's first start, recorded in its checkpoints and kept on every resume
+    (on another world size too). The loss of a step is the mean over all its target tokens.
     Optimizer: AdamW (``lr``, ``betas``, ``eps``, ``weight_decay``; no decay on norms, biases and
     embeddings), ``grad_clip`` (0 disables). Schedule: linear warmup for ``warmup_steps`` (or
     ``warmup_frac`` of the run when warmup_steps < 0), then ``cosine`` to ``min_lr_ratio * lr``,
@@ -68,6 +72,7 @@ class TrainConfig:
     max_steps: int = 300
     max_tokens: int = 0
     seq_len: int = 256
+    global_batch_size: int = 0  # sequences per optimizer step; 0: micro_batch_size * grad_accum * world
     micro_batch_size: int = 8
     grad_accum: int = 1
     lr: float = 3e-3
@@ -152,7 +157,7 @@ def validate(train: TrainConfig, wandb: WandbConfig, world_size: int) -> None:
                 "log_every", "max_consecutive_skips", "dist_timeout_s"):
         v = getattr(train, key)
         need(isinstance(v, int) and v > 0, key, v, "a positive integer")
-    for key in ("max_tokens", "eval_every", "sample_tokens"):
+    for key in ("max_tokens", "eval_every", "sample_tokens", "global_batch_size"):
         v = getattr(train, key)
         need(isinstance(v, int) and v >= 0, key, v, "an integer >= 0")
     need(train.lr > 0, "lr", train.lr, "> 0")
@@ -171,6 +176,46 @@ def validate(train: TrainConfig, wandb: WandbConfig, world_size: int) -> None:
     if wandb.mode not in ("offline", "online", "disabled"):
         raise UserError(f"wandb.mode={wandb.mode!r}; expected offline, online or disabled")
     assert world_size >= 1
+    if train.global_batch_size:  # (a recorded one is checked when the trainer reads it)
+        batch_plan(train, world_size)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How an optimizer step's ``global_batch`` sequences are spread: ``world`` ranks, each running
+    ``grad_accum`` micro-steps of ``micro_batch`` sequences (global_batch = world * grad_accum *
+    micro_batch)."""
+
+    global_batch: int
+    micro_batch: int
+    grad_accum: int
+    world: int
+
+    def describe(self) -> str:
+        return (f"global batch {self.global_batch} sequences = {self.world} rank"
+                f"{'s' if self.world > 1 else ''} x {self.grad_accum} micro-step"
+                f"{'s' if self.grad_accum > 1 else ''} x {self.micro_batch}")
+
+
+def batch_plan(train: TrainConfig, world_size: int, recorded: int | None = None) -> BatchPlan:
+    """The batch of each optimizer step and its split over ``world_size`` ranks.
+
+    The global batch G is ``train.global_batch_size`` when set, else the run's ``recorded`` one (its
+    checkpoints', when resuming), else ``micro_batch_size * grad_accum * world_size``. Each rank
+    takes G / world_size sequences per step, in micro-batches of the largest size that is at most
+    ``train.micro_batch_size`` and divides G / world_size; ``grad_accum`` follows. UserError when G
+    does not divide over the ranks."""
+    G = train.global_batch_size or recorded or train.micro_batch_size * train.grad_accum * world_size
+    if G % world_size:
+        source = ("train.global_batch_size" if train.global_batch_size else
+                  "the run's global batch (recorded in its checkpoints)" if recorded else "the global batch")
+        raise UserError(f"{source}={G} sequences per step does not divide over {world_size} ranks "
+                        f"(train.micro_batch_size={train.micro_batch_size}); expected a multiple of the "
+                        "world size: run on a number of ranks that divides it, or set "
+                        "train.global_batch_size (a new run)")
+    per_rank = G // world_size
+    micro = next(m for m in range(min(train.micro_batch_size, per_rank), 0, -1) if per_rank % m == 0)
+    return BatchPlan(global_batch=G, micro_batch=micro, grad_accum=per_rank // micro, world=world_size)
 
 
 # ---- checks before the heavy imports (python -m newtonlm.training.train) -------------------------

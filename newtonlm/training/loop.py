@@ -29,7 +29,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +42,7 @@ from ..data import build_dataloaders, get_or_train_tokenizer, load_data_config, 
 from ..models import build_model, count_parameters, flops_per_token, newton_stats
 from . import faults
 from .checkpoint import CheckpointError, Checkpoints
-from .config import TrainConfig, WandbConfig, load_settings
+from .config import BatchPlan, TrainConfig, WandbConfig, batch_plan, load_settings
 from .config import validate as validate_settings
 from .distributed import (
     DistInfo,
@@ -61,9 +61,12 @@ from .resume import (
     ResumePlan,
     fingerprint_at,
     plan_resume,
+    rank_seed,
+    recorded_global_batch,
     reschedule,
     rng_state,
     run_facts,
+    seed_rng,
     set_rng_state,
 )
 
@@ -121,6 +124,7 @@ class Job:
     facts: dict                  # run_facts: what checkpoints record and a resume compares
     lock: RunLock | None         # rank 0's lock on the run directory (None on other ranks)
     plan: ResumePlan             # decided by setup, carried out by resume
+    batch: BatchPlan             # the global batch and its split over the ranks (cfg holds the split)
     total_steps: int
     parameters: dict             # count_parameters of the model
     flops_per_token: float
@@ -182,11 +186,15 @@ def sample_text(engine, tokenizer, prompt: str, max_new_tokens: int, device, see
 
 # ---- resume: the plan (resume.py) applied ------------------------------------------------------
 
-def resume(job: Job) -> tuple[Counters, ResumePlan]:
+def resume(job: Job) -> tuple[Counters, ResumePlan, str | None]:
     """Load the checkpoint of the plan (``job.plan``, decided by :func:`setup`) into the engine ->
-    (counters, the plan as carried out). A checkpoint that fails to load is unusable: ``auto`` plans
-    again without it, an explicitly named one is refused. A resumed rank gets back its data-loader
-    position and RNG states; a changed schedule is applied. Nothing is written into the run directory."""
+    (counters, the plan as carried out, the elastic-resume line or None). A checkpoint that fails to
+    load is unusable: ``auto`` plans again without it, an explicitly named one is refused. The data
+    loader continues where the checkpoint's loaders stopped (re-mapped by ``load_states`` when the
+    layout changed); each rank gets back its RNG states, or after a change of world size fresh
+    streams seeded by :func:`~newtonlm.training.resume.rank_seed` (seed, step, rank); a changed
+    schedule is applied. Nothing is written into the run directory (a ZeRO checkpoint of another
+    world size is converted in a transient folder, deleted after loading: ``Checkpoints.load``)."""
     plan = job.plan
     while plan.tag is not None:
         try:
@@ -203,16 +211,30 @@ def resume(job: Job) -> tuple[Counters, ResumePlan]:
             print(f"newtonlm: warning: checkpoint {job.ckpts.root / tag} is unusable ({why}); skipped, "
                   f"resuming from {plan.tag}", file=sys.stderr, flush=True)
     if plan.tag is None:
-        return Counters(), plan
+        return Counters(), plan, None
     counters = Counters(step=state["step"], tokens_seen=state["tokens_seen"],
                         skipped_total=state.get("skipped_total", 0),
                         consecutive_skips=state.get("consecutive_skips", 0))
-    job.train_loader.load_state_dict(state["data"][job.dist.rank])
-    set_rng_state(state["rng"][job.dist.rank])
+    rank, world = job.dist.rank, job.dist.world_size
+    remap = job.train_loader.load_states(state["data"])
+    saved_world = state.get("world_size") or len(state["rng"])
+    if saved_world == world:
+        set_rng_state(state["rng"][rank])
+    else:  # no saved stream for this rank: a fresh one of (seed, step, rank)
+        seed_rng(rank_seed(job.cfg.seed, counters.step, rank))
     saved_train, train_now = state["config"]["train"], job.resolved["train"]
     if any(saved_train.get(key) != train_now.get(key) for key in SCHEDULE_KEYS):
         reschedule(job.scheduler, job.cfg.lr)
-    return counters, plan
+    note = None
+    if saved_world != world:
+        how = ("optimizer state re-partitioned through DeepSpeed's universal checkpoint"
+               if job.engine.zero_optimization_stage() > 0 else "ZeRO 0: optimizer state loaded whole")
+        note = (f"resumed on {world} rank{'s' if world > 1 else ''} from a {saved_world}-rank checkpoint "
+                f"({how}; {job.batch.describe()}; RNG streams seeded from (seed, step, rank))")
+    if remap:
+        note = ((note or "resumed with another data-loader layout") + "; "
+                + (remap if remap.startswith("data") else f"data: {remap}"))
+    return counters, plan, note
 
 
 def _save_tokenizer(tokenizer, folder: Path) -> None:
@@ -251,6 +273,41 @@ def save_checkpoint(job: Job, counters: Counters) -> None:
     client = {**asdict(counters), **job.facts, "data": all_gather_object(job.train_loader.state_dict()),
               "rng": all_gather_object(rng_state())}
     job.ckpts.save(job.engine, counters.step, client)
+    dump_state(job, counters.step, "saved")
+
+
+STATE_DUMP_ENV = "NEWTONLM_STATE_DUMP"
+
+
+def dump_state(job: Job, step: int, when: str) -> None:
+    """Test hook: with ``NEWTONLM_STATE_DUMP=<folder>`` set, rank 0 writes
+    ``<folder>/<when>_<step>.pt``: every parameter's fp32 value and Adam moments (``exp_avg``,
+    ``exp_avg_sq``), gathered whole from any ZeRO partitioning, by name; the elastic-resume tests
+    compare the state a run saved with the state another world size resumed. A collective."""
+    folder = os.environ.get(STATE_DUMP_ENV)
+    if not folder:
+        return
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    zero = job.engine.zero_optimization_stage() > 0
+    zero_opt = job.engine.optimizer
+    if hasattr(zero_opt, "_lazy_init_hp_params_optimizer_state"):
+        # ZeRO 1-2 link each parameter to its optimizer-state fragment after the first step of the
+        # first parameter group, before the others have state: link again, now that all have it
+        zero_opt._hp_optimizer_states_linked = False
+        zero_opt._lazy_init_hp_params_optimizer_state()
+    out = {}
+    for name, p in job.engine.module.named_parameters():
+        if zero:
+            value = [safe_get_full_fp32_param(p)] + [safe_get_full_optimizer_state(p, k)
+                                                     for k in ("exp_avg", "exp_avg_sq")]
+        else:
+            moments = job.optimizer.state.get(p, {})
+            value = [p.detach()] + [moments.get(k) for k in ("exp_avg", "exp_avg_sq")]
+        out[name] = [None if v is None else v.detach().float().cpu().clone() for v in value]
+    if job.dist.is_main:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        torch.save(out, Path(folder) / f"{when}_{step}.pt")
 
 
 # ---- set-up --------------------------------------------------------------------------------------
@@ -305,8 +362,13 @@ def setup(cfg: DictConfig) -> Job:
     info = init_distributed(train_cfg.dist_timeout_s, shm_comm=train_cfg.deepspeed_shm_comm)
     world = info.world_size
     validate_settings(train_cfg, wandb_cfg, world)
+    ckpts = Checkpoints(run_dir / "checkpoints", train_cfg.keep_last, info.is_main)
+    train_cfg, batch = apply_batch_plan(train_cfg, ckpts, info)
     data_cfg = load_data_config(cfg.data)
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    # what ran: the global batch (compared on resume) and its split over this run's ranks
+    resolved["train"].update(global_batch_size=batch.global_batch, micro_batch_size=batch.micro_batch,
+                             grad_accum=batch.grad_accum)
     if info.is_main:
         tokenizer = get_or_train_tokenizer(data_cfg)  # trained into the cache (not the run directory)
     barrier()
@@ -317,20 +379,36 @@ def setup(cfg: DictConfig) -> Job:
         data_cfg, tokenizer, train_cfg.seq_len, train_cfg.micro_batch_size, info.rank, world,
         train_cfg.seed, model_vocab_size=vocab)
     facts = run_facts(resolved, world, tokenizer, train_loader.signature())
-    ckpts = Checkpoints(run_dir / "checkpoints", train_cfg.keep_last, info.is_main)
     lock, plan = claim_run_dir(run_dir, ckpts, train_cfg, facts)
     try:
         return Job(cfg=train_cfg, wandb_cfg=wandb_cfg, run_dir=run_dir, dist=info, stop=stop,
                    tokenizer=tokenizer, train_loader=train_loader, val_loader=val_loader, ckpts=ckpts,
-                   resolved=resolved, facts=facts, lock=lock, plan=plan,
-                   **_build_engine(cfg, train_cfg, info, vocab, run_dir))
+                   resolved=resolved, facts=facts, lock=lock, plan=plan, batch=batch,
+                   **_build_engine(cfg, train_cfg, info, vocab, run_dir, batch))
     except BaseException:
         if lock is not None:
             lock.release(restore=True)
         raise
 
 
-def _build_engine(cfg: DictConfig, train_cfg: TrainConfig, info: DistInfo, vocab: int, run_dir: Path) -> dict:
+def apply_batch_plan(train_cfg: TrainConfig, ckpts: Checkpoints,
+                     info: DistInfo) -> tuple[TrainConfig, BatchPlan]:
+    """The batch plan of this start (:func:`~newtonlm.training.config.batch_plan`: the global batch
+    the run recorded in its checkpoints, when resuming, else the configured one) and the settings
+    with ``micro_batch_size`` and ``grad_accum`` replaced by their values on this world size. Reads
+    manifests only (rank 0). A collective."""
+    recorded = broadcast_object(recorded_global_batch(ckpts, train_cfg) if info.is_main else None)
+    batch = batch_plan(train_cfg, info.world_size, recorded)
+    if info.is_main and recorded and not train_cfg.global_batch_size and recorded != (
+            train_cfg.micro_batch_size * train_cfg.grad_accum * info.world_size):
+        print(f"newtonlm: the run's global batch of {recorded} sequences (recorded in its checkpoints) is "
+              f"kept: {batch.describe()}", file=sys.stderr, flush=True)
+    return replace(train_cfg, global_batch_size=batch.global_batch, micro_batch_size=batch.micro_batch,
+                   grad_accum=batch.grad_accum), batch
+
+
+def _build_engine(cfg: DictConfig, train_cfg: TrainConfig, info: DistInfo, vocab: int, run_dir: Path,
+                  batch: BatchPlan) -> dict:
     """The model and the DeepSpeed engine around it, and what the loop derives from them (the
     :class:`Job` fields of those)."""
     world = info.world_size
@@ -342,7 +420,7 @@ def _build_engine(cfg: DictConfig, train_cfg: TrainConfig, info: DistInfo, vocab
     if train_cfg.activation_checkpointing:
         model.gradient_checkpointing_enable()
     parameters = count_parameters(model)
-    tokens_per_step = train_cfg.micro_batch_size * train_cfg.seq_len * train_cfg.grad_accum * world
+    tokens_per_step = batch.global_batch * train_cfg.seq_len  # independent of the world size
     total_steps = (math.ceil(train_cfg.max_tokens / tokens_per_step) if train_cfg.max_tokens > 0
                    else train_cfg.max_steps)
     optimizer = build_optimizer(model, train_cfg)
@@ -356,7 +434,7 @@ def _build_engine(cfg: DictConfig, train_cfg: TrainConfig, info: DistInfo, vocab
         engine.compile()
     peak, peak_source = peak_flops(info.device, train_cfg.precision, train_cfg.peak_flops)
     description = (f"{cfg.model.arch} {parameters['total']:,} parameters "
-                   f"({parameters['non_embedding']:,} non-embedding), vocab {vocab}, world {world}, "
+                   f"({parameters['non_embedding']:,} non-embedding), vocab {vocab}, {batch.describe()}, "
                    f"{tokens_per_step} tokens/step, {total_steps} steps, "
                    f"{_describe_engine(engine, optimizer, train_cfg.precision)}, run dir {run_dir}")
     return dict(engine=engine, optimizer=optimizer, scheduler=scheduler, total_steps=total_steps,
@@ -441,28 +519,35 @@ def run(cfg: DictConfig) -> dict:
     """The job (module docstring); returns the summary that :func:`finish` prints."""
     job = setup(cfg)  # nothing written yet; the resume plan is decided
     try:
-        counters, plan = resume(job)  # step 0, or where the planned checkpoint left off
+        counters, plan, note = resume(job)  # step 0, or where the planned checkpoint left off
         prepare_run_dir(job, plan)  # the first writes
     except BaseException:
         if job.lock is not None:
             job.lock.release(restore=True)
         raise
     try:
-        return _train(job, counters, plan)
+        return _train(job, counters, plan, note)
     finally:
         if job.lock is not None:
             job.lock.release()
 
 
-def _train(job: Job, counters: Counters, plan: ResumePlan) -> dict:
+def _train(job: Job, counters: Counters, plan: ResumePlan, note: str | None = None) -> dict:
     log = RunLog(job.run_dir, job.dist.is_main, counters.step if plan.tag else None, job.wandb_cfg,
                  job.resolved, job.total_steps, job.cfg.progress)
     for tag, why in plan.skipped:
         log.event("skipped_corrupt_checkpoint", counters.step, checkpoint=str(job.ckpts.root / tag),
                   reason=why, resumed_from=plan.tag)
+    if note:
+        log.event("elastic_resume", counters.step, checkpoint=str(job.ckpts.root / plan.tag),
+                  world_size=job.dist.world_size, description=note)
     if job.dist.is_main:
         print(f"newtonlm: {job.description}" + (f", resumed from {plan.tag}" if plan.tag else ""),
               file=sys.stderr, flush=True)
+        if note:
+            print(f"newtonlm: {note}", file=sys.stderr, flush=True)
+    if plan.tag is not None:
+        dump_state(job, counters.step, "resumed")  # test hook (NEWTONLM_STATE_DUMP); nothing when unset
 
     status, exit_code = "finished", 0
     batches = iter(job.train_loader)

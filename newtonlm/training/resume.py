@@ -10,6 +10,7 @@ rank, before anything is written into the run directory or the model is built (`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import asdict, dataclass
@@ -52,17 +53,22 @@ RESUME_MAY_CHANGE = (
     "train.log_every", "train.max_consecutive_skips", "train.dist_timeout_s", "train.deepspeed_shm_comm",
     "train.activation_checkpointing", "train.compile", "train.sample_tokens", "train.sample_prompt",
     "train.progress", "train.peak_flops", "train.inject_nan_steps", "wandb.*",
+    # how the global batch (compared on its own: global_batch) is split over the ranks
+    "train.micro_batch_size", "train.grad_accum",
     # how the recurrence is solved, not what it computes
     "model.cell_mode", "model.newton_*",
-    # validation size, tokenizer batching; where the files are (the data-loader signature compares
-    # the files and the worker count, the tokenizer's fingerprint the tokenizer itself)
+    # validation size, tokenizer batching, the loader's workers (ResumableLoader.load_states re-maps
+    # them); where the files are (the data-loader signature compares the files, the tokenizer's
+    # fingerprint the tokenizer itself)
     "data.val_batches", "data.tokenize_batch_docs", "data.num_workers", "data.shards_dir",
     "data.sources.*.paths", "data.tokenizer.*",
 )
+# compared by resume_differences itself (checkpoints before it was recorded imply it)
+_COMPARED_APART = ("train.global_batch_size",)
 # The parts of the data-loader signature (ResumableLoader.signature) compared on their own: the rest
-# mirrors settings compared above (seq_len, batch size, seed, shuffling, world size)
-_SIGNATURE_PARTS = {"sources": "data files (per source: type, name, fingerprint of the file names and sizes)",
-                    "workers": "data-loader workers (data.num_workers; 0 counts as 1)"}
+# mirrors settings compared above (seq_len, seed, shuffling) or is the loader's layout, which
+# ResumableLoader.load_states re-maps (world size, workers, micro-batch size)
+_SIGNATURE_PARTS = {"sources": "data files (per source: type, name, fingerprint of the file names and sizes)"}
 # settings whose change needs the schedule rebuilt after loading the checkpoint's optimizer state
 SCHEDULE_KEYS = ("lr", "schedule", "warmup_steps", "warmup_frac", "min_lr_ratio", "decay_frac", "max_steps",
                   "max_tokens")
@@ -139,12 +145,14 @@ def resume_differences(saved: dict, now: dict) -> list[str]:
     :func:`run_facts`-style dicts (a checkpoint's manifest); a fact the checkpoint lacks (older
     formats) is not compared. Settings: the config outside :data:`RESUME_MAY_CHANGE` (only
     ``model.arch`` when the architecture differs), the tokenizer (by fingerprint: also a change that
-    keeps the model's vocabulary size), the data-loader signature's files and workers, the world size."""
+    keeps the model's vocabulary size), the data-loader signature's files, the global
+    batch (:func:`global_batch_of`). The world size may change (an elastic resume: see
+    :func:`elastic_problem` for what it cannot do)."""
     diffs = []
     old, new = _flatten(saved["config"]), _flatten(now["config"])
     arch_changed = old.get("model.arch", _ABSENT) != new.get("model.arch", _ABSENT)
     for key, value in old.items():
-        if any(fnmatch(key, pattern) for pattern in RESUME_MAY_CHANGE):
+        if key in _COMPARED_APART or any(fnmatch(key, pattern) for pattern in RESUME_MAY_CHANGE):
             continue
         if arch_changed and key.startswith("model.") and key != "model.arch":
             continue
@@ -162,15 +170,48 @@ def resume_differences(saved: dict, now: dict) -> list[str]:
             a, b = saved["data_signature"].get(part), now["data_signature"].get(part)
             if a != b:
                 diffs.append(f"{label} ({_show(a)} in the checkpoint, {_show(b)} now)")
-    if saved.get("world_size") is not None and saved["world_size"] != now["world_size"]:
-        diffs.append(f"world size ({saved['world_size']} in the checkpoint, {now['world_size']} now)")
+    if (g_saved := global_batch_of(saved)) is not None and g_saved != global_batch_of(now):
+        diffs.append(f"train.global_batch_size (sequences per optimizer step: {g_saved} in the checkpoint, "
+                     f"{global_batch_of(now)} now)")
     return diffs
+
+
+def global_batch_of(facts: dict) -> int | None:
+    """The global batch (sequences per optimizer step) of a run whose checkpoint records ``facts``:
+    ``train.global_batch_size`` of its config, or (checkpoints before it was recorded) micro-batch
+    x gradient accumulation x world size; None when the facts do not say."""
+    train = (facts.get("config") or {}).get("train") or {}
+    if train.get("global_batch_size"):
+        return train["global_batch_size"]
+    if facts.get("world_size") and train.get("micro_batch_size") and train.get("grad_accum"):
+        return train["micro_batch_size"] * train["grad_accum"] * facts["world_size"]
+    return None
+
+
+def elastic_problem(saved: dict, now: dict) -> str | None:
+    """Why a checkpoint (facts ``saved``) written by another number of ranks than this run's
+    (``now``) cannot be resumed here, or None (same world size, or a supported change). Model and
+    optimizer states are re-partitioned by DeepSpeed's universal checkpoint (ZeRO 1-3) or need
+    nothing (ZeRO 0); the combination newtonlm has not verified is refused: the optimizer offloaded
+    to CPU."""
+    old, new = saved.get("world_size"), now.get("world_size")
+    if old is None or old == new:
+        return None
+    train = (saved.get("config") or {}).get("train") or {}
+    if train.get("offload_optimizer") and train.get("zero_stage", 0) > 0:
+        return (f"the checkpoint was written by {old} ranks and this run has {new}, but its optimizer "
+                f"is offloaded to CPU (train.offload_optimizer=true, ZeRO-{train['zero_stage']}): "
+                "re-partitioning an offloaded optimizer through DeepSpeed's universal checkpoint is not "
+                f"verified in newtonlm; resume on {old} ranks")
+    return None
 
 
 def check_resume_config(saved: dict, now: dict, where: str = "the checkpoint") -> None:
     """Raise ResumeRefused naming every difference (:func:`resume_differences`) between the checkpoint
     ``where`` (its facts ``saved``) and this run (``now``), with what to do."""
     diffs = resume_differences(saved, now)
+    if not diffs and (problem := elastic_problem(saved, now)):
+        raise ResumeRefused(f"{where} cannot be resumed on another number of ranks: {problem}")
     if diffs:
         raise ResumeRefused(
             f"{where} was written with other settings than this run's: {'; '.join(diffs)}. A resume "
@@ -185,6 +226,26 @@ def run_facts(resolved: dict, world: int, tokenizer, data_signature: dict) -> di
     return {"world_size": world, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
             "tokenizer_size": max_token_id(tokenizer) + 1, "vocab_size": vocab_size_for_model(tokenizer),
             "data_signature": {k: v for k, v in data_signature.items() if k != "rank"}, "config": resolved}
+
+
+def recorded_global_batch(ckpts: Checkpoints, cfg: TrainConfig) -> int | None:
+    """The global batch recorded by the run directory's checkpoints (:func:`global_batch_of` of the
+    first readable manifest: the one ``train.resume`` names, else the newest), which a resume keeps;
+    None for a fresh start (``train.resume=none``, no readable manifest). Reads manifests only."""
+    if cfg.resume == "none":
+        return None
+    tags = [t for _, t in reversed(ckpts.complete())]
+    if cfg.resume in tags:
+        tags.remove(cfg.resume)
+        tags.insert(0, cfg.resume)
+    for tag in tags:
+        try:
+            manifest = ckpts.manifest(tag)
+        except CheckpointError:
+            continue  # the resume plan names it
+        if manifest is not None and (g := global_batch_of(manifest)) is not None:
+            return g
+    return None
 
 
 def fingerprint_at(folder: Path) -> str | None:
@@ -266,6 +327,21 @@ def reschedule(scheduler, lr: float) -> None:
         group["initial_lr"] = base
         group["lr"] = base * factor(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in groups]
+
+
+def rank_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of rank ``rank``'s RNG streams after an elastic resume at ``step`` (a checkpoint of
+    another world size holds no state for this rank): a function of the run's seed, the step and
+    the rank only, so that a resumed run is reproducible and no two ranks share a stream."""
+    digest = hashlib.sha256(f"newtonlm-rng/{seed}/{step}/{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # < 2**63
+
+
+def seed_rng(seed: int) -> None:
+    """Seed torch (CPU and CUDA), Python's and NumPy's global RNGs from ``seed``."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
 
 
 def rng_state() -> dict:
