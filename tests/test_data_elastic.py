@@ -142,7 +142,7 @@ def test_shard_global_batches_every_layout(shard_mixture):
 def check_shard_resume(cfg, seqs, tmp_path, k, targets):
     """Endless, across epochs: 2 ranks x 1 worker (micro-batch 3, accumulation 2) for k steps, then
     each target layout continues with exactly the uninterrupted run's steps."""
-    more = 12
+    more = 24
     expected = reference_order(seqs, [3.0, 1.0], None, (k + more) * G)
     assert (k + more) * G > len(seqs["a"]) * 4 / 3  # source a (3/4 of the draws) enters epoch 1
     loaders, _ = shard_loaders(cfg, 2, 1, 3, None)
@@ -250,11 +250,13 @@ def stream_loaders(cfg, world, workers, batch, num_epochs, states=None):
 
 
 def count_targets(batches, counts: Counter) -> None:
-    """Counts each target token; an EOS target counts as ('eos', the word before it)."""
+    """Counts each target token; an EOS target counts as ('eos', the word before it), or as
+    ('eos', None) after another EOS: a run in progress may resume at its document's EOS, which then
+    follows the previous document's EOS (``check_coverage`` attributes those)."""
     for batch in batches:
         for inputs, targets in zip(batch["input_ids"].tolist(), batch["targets"].tolist()):
             for x, y in zip(inputs, targets):
-                counts[("eos", x) if y == 1 else y] += 1
+                counts[("eos", None if x == 1 else x) if y == 1 else y] += 1
 
 
 def check_coverage(docs, counts: Counter, times: int, starts: int, ends: int) -> None:
@@ -262,6 +264,11 @@ def check_coverage(docs, counts: Counter, times: int, starts: int, ends: int) ->
     at each of ``starts`` stream starts (the first token of a document) and fewer than T at each of
     ``ends`` stream ends (a suffix of one document and a prefix of the next)."""
     names = [[("eos", d[-2]) if t == 1 else t for t in d] for d in docs]
+    counts = Counter(counts)
+    for _ in range(counts.pop(("eos", None), 0)):  # an EOS after an EOS: a document whose EOS is short
+        short = [d for d in names if counts[d[-1]] < times and counts[d[-2]] == times]
+        assert short, "an EOS target that belongs to no document"
+        counts[short[0][-1]] += 1
     assert set(counts) <= {n for d in names for n in d}, "a target that is no corpus token"
     assert max(counts.values()) <= times, "a token trained on too often"
     missing = runs = 0

@@ -54,3 +54,21 @@ def test_resume_from_every_state_is_exact(tmp_path):
     for k in range(0, 94, 3):
         resumed = packer(source, order_seed=3, state=states[k])
         assert all(np.array_equal(a, b) for a, b in zip(islice(resumed, 5), sequences[k + 1:k + 6]))
+
+
+def test_runs_then_the_regular_partition(tmp_path):
+    """A state with runs (as a re-map leaves it): the documents of each run in order, the first from
+    its offset, then the stream's own positions of the later epochs, against a reference."""
+    write_jsonl_corpus(tmp_path, n_files=2, docs_per_file=8)
+    source = DocumentSource("s", SourceConfig(kind="files", paths=[str(tmp_path)]))
+    tok = tiny_tokenizer()
+    docs = dict(source.documents())  # position -> text; the file order is the same every epoch
+    ids = {p: reference_ids(tok, t) for p, t in docs.items()}
+    state = {"runs": [[0, 3, 2, 5], [0, 10, 3, 0], [1, 4, 5, 2]], "epoch": 2, "primed": True}
+    tokens = (ids[3][5:] + [i for p in range(5, 16, 2) for i in ids[p]]
+              + [i for p in (10, 13) for i in ids[p]]
+              + ids[4][2:] + ids[9] + ids[14]
+              + [i for p in range(1, 16, 3) for i in ids[p]])  # epoch 2: stream 1 of 3
+    got = packer(source, stream=1, num_streams=3, num_epochs=3, state=state)
+    assert [s.tolist() for s in got] == windows(tokens, T)
+    assert got.exhausted and got.state_dict() == {"runs": [], "epoch": 3, "primed": True}

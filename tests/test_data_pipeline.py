@@ -71,3 +71,10 @@ def test_shuffle_buffer_permutes_and_resumes_mid_drain():
     assert all(i <= p + 8 for p, i in enumerate(out))  # nothing leaves before it entered the buffer
     for k in (0, 20, 45):  # 45: the source is exhausted, the buffer drains
         assert [int(s[1]) for s in make(states[k])] == out[k + 1:]
+
+
+def test_vectorized_uniform_equals_the_scalar_one():
+    from newtonlm.data.rng import uniform, uniform_array
+
+    counters = np.array([0, 1, 2, 77, 10**9, 2**62, 2**63 - 1])
+    assert uniform_array(11, counters).tolist() == [uniform(11, int(c)) for c in counters]

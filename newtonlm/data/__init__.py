@@ -13,8 +13,10 @@ The trainer's API::
     for batch in train_loader:                           # endless
         batch["input_ids"], batch["targets"]             # LongTensor [B, T]; targets = the next tokens
         ...
-        checkpoint["data"] = train_loader.state_dict()   # per rank
-    train_loader.load_state_dict(checkpoint["data"])     # next batch == the uninterrupted one
+        checkpoint["data"] = all_gather_object(train_loader.state_dict())   # every rank's
+    train_loader.load_state_dict(checkpoint["data"][rank])  # same layout: next batch == the uninterrupted one
+    note = train_loader.load_states(checkpoint["data"])     # another number of ranks / workers / micro-batch:
+                                                            # None or a line saying what was re-mapped
     for batch in val_loader: ...                         # the same cfg.val_batches batches every time
 
 ``build_loader(cfg, tokenizer, seq_len, batch_size, split=..., num_epochs=...)`` builds one loader

@@ -248,8 +248,8 @@ class ResumableLoader:
         new_states, counts = remap_stream_states(self.spec, old_states, num_streams)
         first = self.rank * self._logical_workers
         self._worker_states = new_states[first:first + self._logical_workers]
-        return (f"{layout} (streaming: exact document coverage; {counts['runs']} document runs, "
-                f"{counts['in_progress']} in progress, and {counts['buffered']} buffered sequences dealt "
+        return (f"{layout} (streaming: exact document coverage; {counts['runs']} document runs "
+                f"({counts['in_progress']} in progress) and {counts['buffered']} buffered sequences dealt "
                 f"to the new streams)")
 
     def __iter__(self) -> Iterator[dict]:

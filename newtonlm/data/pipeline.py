@@ -7,6 +7,9 @@ the sequences the original would have yielded next.
 
 Randomness is counter-based (``rng``): the mixture's and the buffer's states are draw counters,
 and the buffer's state also holds its sequences (``int32 [n, seq_len + 1]``).
+``remap_stream_states`` turns the states of S streams into those of S' streams with exact document
+coverage (resume on another number of ranks or workers). Pre-tokenized shards do not use the
+per-stream stages: ``PipelineSpec.shard_order`` gives their global order (``shards.ShardOrder``).
 """
 
 from __future__ import annotations
