@@ -59,15 +59,17 @@ def test_modcount_labels_are_the_running_sum(modulus):
 
 def _row(variant, seed, seqs, loss=0.1):
     return {"task": "parity", "variant": variant, "arch": "paragru", "seed": seed, "parameters": 100,
-            "final_loss": loss, "seconds": 1.0,
+            "final_loss": loss, "seconds": 1.0, "nonfinite_steps": int(loss != loss),
             "eval": [{"length": L, "acc": 0.5 + s / 2, "seq_acc": s} for L, s in zip((32, 64, 128), seqs)]}
 
 
 def test_summarize_means_ranges_and_solved_seeds():
     rows = [_row("a", 0, [1.0, 1.0, 1.0], 0.0), _row("a", 1, [1.0, 0.5, 0.995], 0.3),
-            _row("a", 2, [0.9, 0.1, 0.2], 0.6), _row("b", 0, [0.25, 0.0, 0.0])]
+            _row("a", 2, [0.9, 0.1, 0.2], 0.6), _row("b", 0, [0.25, 0.0, 0.0]),
+            _row("b", 1, [0.0, 0.0, 0.0], float("nan"))]
     a, b = summarize(rows)
-    assert (a["variant"], a["seeds"], b["seeds"]) == ("a", 3, 1)
+    assert (a["variant"], a["seeds"], b["seeds"]) == ("a", 3, 2)
+    assert (a["nonfinite"], b["nonfinite"]) == (0, 1)
     assert a["final_loss"] == pytest.approx(0.3)
     assert [e["seq_acc"] for e in a["eval"]] == pytest.approx([2.9 / 3, 1.6 / 3, 2.195 / 3])
     assert [(e["seq_min"], e["seq_max"]) for e in a["eval"]] == [(0.9, 1.0), (0.1, 1.0), (0.2, 1.0)]
@@ -95,6 +97,7 @@ def test_tiny_probe_end_to_end(tmp_path):
                       train=TrainSettings(steps=3, batch_size=2, min_len=2, max_len=8, curriculum_steps=2))
     rows = run_probe(cfg, tmp_path)
     assert [(r["variant"], r["seed"]) for r in rows] == [("g", 0), ("g", 1)]
+    assert all(r["nonfinite_steps"] == 0 for r in rows)
     assert all([e["length"] for e in r["eval"]] == [4, 16] for r in rows)
     assert (tmp_path / "results.json").exists()
     md = markdown(rows, cfg, "python -m newtonlm.eval.synthetic.probe", "test machine", 1.0)

@@ -105,7 +105,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     """One entry per (task, variant) over its seeds: per length the mean, min and max of
     ``seq_acc`` and the mean ``acc``; ``solved``: seeds whose whole-sequence accuracy at the longest
     length is at least :data:`SOLVED`; ``seeds``; mean ``final_loss``, ``seconds`` and
-    ``parameters``."""
+    ``parameters``; ``nonfinite``: runs with a NaN or inf training loss (their accuracy is 0, not a
+    measurement of the architecture)."""
     out = []
     for key in dict.fromkeys((r["task"], r["variant"]) for r in rows):
         runs = [r for r in rows if (r["task"], r["variant"]) == key]
@@ -122,6 +123,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                     "final_loss": sum(r["final_loss"] for r in runs) / n,
                     "seconds": sum(r["seconds"] for r in runs) / n,
                     "solved": sum(r["eval"][longest]["seq_acc"] >= SOLVED for r in runs),
+                    "nonfinite": sum(r.get("nonfinite_steps", 0) > 0 for r in runs),
                     "eval": per_len})
     return out
 
@@ -163,19 +165,21 @@ def markdown(rows: list[dict], cfg: ProbeConfig, command: str, machine: str, sec
         f"{t.max_len}]{curriculum}; AdamW lr {t.lr}, warmup {t.warmup_steps}, cosine to 0.1 x lr. "
         f"Seeds {list(cfg.seeds)} (model init and data). Each cell: whole-sequence accuracy (every "
         f"position right) over {cfg.eval_samples} fresh sequences, mean over seeds [min-max]; "
-        f"'solved': seeds with whole-sequence accuracy >= {SOLVED} at {max(lengths)}. Base model "
+        f"'solved': seeds with whole-sequence accuracy >= {SOLVED} at {max(lengths)}; 'NaN runs': seeds "
+        "whose training loss became NaN or inf (scored 0, not a measurement). Base model "
         f"overrides: `{dict(cfg.model.overrides)}` (preset `{cfg.model.preset}`).", "",
     ]
     for task in dict.fromkeys(r["task"] for r in rows):
         title = f"{task} (mod {cfg.task.modulus})" if task == "modcount" else task
-        lines += [f"## {title}", "", f"| variant | overrides | parameters | train loss | {head} | solved |",
-                  "|---|---|---:|---:|" + "---:|" * len(lengths) + "---:|"]
+        lines += [f"## {title}", "",
+                  f"| variant | overrides | parameters | train loss | {head} | solved | NaN runs |",
+                  "|---|---|---:|---:|" + "---:|" * len(lengths) + "---:|---:|"]
         for s in (s for s in summarize(rows) if s["task"] == task):
             ov = ", ".join(variants[s["variant"]].overrides) if s["variant"] in variants else ""
             cells = " | ".join(f"{e['seq_acc']:.2f} [{e['seq_min']:.2f}-{e['seq_max']:.2f}]"
                                for e in s["eval"])
             lines.append(f"| {s['variant']} | `{ov}` | {s['parameters']:,} | {s['final_loss']:.4f} | {cells} "
-                         f"| {s['solved']}/{s['seeds']} |")
+                         f"| {s['solved']}/{s['seeds']} | {s['nonfinite']} |")
         lines.append("")
     lines += ["![whole-sequence accuracy against length](seq_acc_vs_length.png)", ""]
     return "\n".join(lines)

@@ -9,6 +9,7 @@ from :func:`tasks.batch_rng` (seed, task, step), so a run is reproducible.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -71,7 +72,8 @@ def lr_schedule(optimizer: torch.optim.Optimizer, settings: TrainSettings):
 def train_model(task: str, task_cfg: TaskConfig, arch: str, size: SizeConfig, settings: TrainSettings,
                 seed: int = 0) -> tuple[torch.nn.Module, dict]:
     """A model of ``arch`` (``size``) trained on ``task``; returns (model in eval mode, info with
-    ``parameters``, ``final_loss`` (mean of the last 20 steps), ``seconds``)."""
+    ``parameters``, ``final_loss`` (mean of the last 20 steps), ``nonfinite_steps`` (steps whose loss
+    was NaN or inf: a diverged or broken run), ``seconds``)."""
     s = settings
     if not min_length(task, task_cfg) <= s.min_len <= s.max_len:
         raise ValueError(f"min_len={s.min_len}, max_len={s.max_len}; expected {min_length(task, task_cfg)} "
@@ -102,7 +104,9 @@ def train_model(task: str, task_cfg: TaskConfig, arch: str, size: SizeConfig, se
     model.eval()
     tail = losses[-20:]
     return model, {"parameters": sum(p.numel() for p in model.parameters()),
-                   "final_loss": sum(tail) / len(tail), "seconds": time.perf_counter() - t0}
+                   "final_loss": sum(tail) / len(tail),
+                   "nonfinite_steps": sum(not math.isfinite(v) for v in losses),
+                   "seconds": time.perf_counter() - t0}
 
 
 @torch.no_grad()
