@@ -7,7 +7,8 @@ process group, reads its resident memory (VmRSS), resets its peak (``/proc/self/
 then does what the trainer does for the same overrides - the model from the preset, activation
 checkpointing, AdamW through ``build_optimizer``, the schedule, ``deepspeed.initialize`` with
 ``deepspeed_config`` - and runs ``--steps`` optimizer steps of random tokens through the trainer's
-``token_loss_sum`` with the trainer's loss scaling. Measured: its peak resident memory (VmHWM)
+``token_loss_sum`` with the trainer's loss scaling, under a fixed malloc mmap threshold
+(:data:`MALLOC_ENV`). Measured: its peak resident memory (VmHWM)
 minus the resident memory before the model was built, the largest over the ranks. Predicted:
 ``python -m newtonlm.training.plan ... device=cpu`` (the planner's CPU mode: host memory counts
 only written pages, no CUDA context, the CPU overhead constant). Data loading, the tokenizer,
@@ -28,6 +29,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = {"demo": 8000, "125m": 32000}  # the demo tokenizer's size, the nominal 32000 of 125m and up
 SHAPE = {"demo": (8, 256), "125m": (2, 256)}  # micro-batch, seq_len (the demo's; 125m kept short)
+# glibc's malloc serves blocks above a threshold with mmap and returns them on free; by default the
+# threshold grows with every large free, after which freed blocks stay resident in its heap and the
+# peak grows from step to step (measured: docs/planning.md). A fixed threshold makes resident
+# memory follow the live tensors, as a GPU allocator's allocated bytes do.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def _status_kb(field: str) -> int:
@@ -110,7 +116,8 @@ def measure(overrides: list[str], vocab: int, nproc: int, steps: int) -> list[di
         cmd = ([sys.executable, *args] if nproc == 1 else
                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                 str(nproc), *args])
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1" if nproc > 1 else "2"}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1" if nproc > 1 else "2",
+               **MALLOC_ENV}
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp)
         if res.returncode != 0:
             raise RuntimeError(f"measurement failed ({overrides}, {nproc} proc):\n{res.stderr[-3000:]}")
@@ -134,29 +141,39 @@ def main() -> None:
     ap.add_argument("--presets", default="paragru_demo,paragru_125m")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--json", help="write the rows to this file")
+    ap.add_argument("--from-json", help="no measurement: predict again for the rows of this file (written "
+                    "by --json), e.g. after a change to the planner")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from newtonlm.machine import machine_info, machine_line
     from newtonlm.quiet import quiet_expected_notices
 
     quiet_expected_notices()
+    if args.from_json:
+        stored = json.loads(Path(args.from_json).read_text())
+        measured = {(r["preset"], r["procs"], r["zero_stage"], r["checkpointing"]): r["ranks"]
+                    for r in stored["rows"]}
+        info = stored["machine"]
     rows = []
     print(f"{'preset':14s} {'procs':>5s} {'ZeRO':>4s} {'ckpt':>5s} {'measured MB':>12s} {'predicted MB':>13s}"
           f" {'error':>7s} {'init MB':>8s}", flush=True)
     for preset, nproc, zero, ckpt, overrides, vocab in configurations(args.presets.split(",")):
-        recs = measure(overrides, vocab, nproc, args.steps)
+        recs = (measured[preset, nproc, zero, ckpt] if args.from_json
+                else measure(overrides, vocab, nproc, args.steps))
         measured = max(r["peak_mb"] for r in recs)
         pred = predict(overrides, vocab, nproc)
         predicted = pred["peak"] / 2**20
         row = {"preset": preset, "procs": nproc, "zero_stage": zero, "checkpointing": ckpt,
+               "steps": args.steps,
                "overrides": overrides, "vocab": vocab, "measured_mb": measured, "predicted_mb": predicted,
                "error": predicted / measured - 1, "init_peak_mb": max(r["init_peak_mb"] for r in recs),
                "ranks": recs, "predicted": {k: v for k, v in pred.items() if k != "cost"}}
         rows.append(row)
         print(f"{preset:14s} {nproc:5d} {zero:4d} {str(ckpt):>5s} {measured:12.0f} {predicted:13.0f} "
               f"{row['error']:+7.1%} {row['init_peak_mb']:8.0f}", flush=True)
-    info = machine_info()
-    print(machine_line(info))
+    if not args.from_json:
+        info = machine_info()
+    print(("measured on: " if args.from_json else "") + machine_line(info))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
 

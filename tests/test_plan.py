@@ -107,7 +107,7 @@ def test_model_states_equal_deepspeed_estimators(counts_125m, world, offload):
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    total, largest = counts_125m
+    total, largest, _ = counts_125m
     _, gpu2 = estimate_zero2_model_states_mem_needs(total, num_gpus_per_node=world, cpu_offload=offload)
     _, gpu3, _ = estimate_zero3_model_states_mem_needs(total, largest, num_gpus_per_node=world,
                                                        cpu_offload=offload, cpu_offload_params=False,
@@ -121,10 +121,11 @@ def test_model_states_equal_deepspeed_estimators(counts_125m, world, offload):
 def test_model_states_fp32_weights(counts_125m):
     """newtonlm's fp32 weights: 16 bytes per parameter at stage 0 (weights, gradients, two moments);
     at ZeRO 3 on 8 GPUs 20/8 per parameter and the gathered largest module (weights + gradient)."""
-    total, largest = counts_125m
+    total, largest, persistent = counts_125m
     assert plan_memory.model_states(0, total, largest, 4).total == 16 * total
-    s3 = plan_memory.model_states(3, total, largest, 8)
-    assert s3.total == pytest.approx(20 * total / 8 + 8 * largest)
+    s3 = plan_memory.model_states(3, total, largest, 8, persistent=persistent)
+    assert s3.total == pytest.approx(20 * total / 8 + 8 * largest + 4 * persistent)
+    assert 0 < persistent < total / 100  # norms, conv, cell vectors: the matrices are partitioned
     assert largest == 32000 * 768  # the tied embedding is the largest module
     with pytest.raises(ValueError, match="zero_stage"):
         plan_memory.model_states(4, total, largest, 1)

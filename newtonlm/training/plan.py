@@ -58,6 +58,7 @@ class Setup:
     preset: dict
     params: int
     largest_layer: int
+    persistent: int  # parameters ZeRO-3 keeps whole on every GPU
     micro_batch_size: int
     seq_len: int
     grad_accum: int
@@ -116,18 +117,21 @@ def _vocab(cfg, keys: dict) -> int:
     return -(-int(tok.vocab_size) // 64) * 64  # newtonlm.data.vocab_size_for_model's rounding
 
 
-def parameter_counts(preset: dict, vocab: int) -> tuple[int, int]:
+def parameter_counts(preset: dict, vocab: int, persistence_threshold: int = int(1e5)) -> tuple[int, int, int]:
     """(unique parameters, parameters of the largest module by its own parameters: DeepSpeed's
-    ``model_to_params`` definition of a layer), from the model built on the meta device."""
+    ``model_to_params`` definition of a layer, parameters in tensors below ZeRO-3's
+    ``persistence_threshold`` elements), from the model built on the meta device."""
     import torch
 
     from ..models import build_model
 
     with torch.device("meta"):
         model = build_model(preset, vocab)
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    unique = {id(p): p for p in model.parameters()}.values()
+    total = sum(p.numel() for p in unique)
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    return total, largest
+    persistent = sum(p.numel() for p in unique if p.numel() < persistence_threshold)
+    return total, largest, persistent
 
 
 def setup_from_args(argv: list[str]) -> tuple[Setup, bool]:
@@ -155,9 +159,12 @@ def setup_from_args(argv: list[str]) -> tuple[Setup, bool]:
             raise UserError(f"train.global_batch_size={gbs} is not a multiple of micro_batch_size x "
                             f"world = {per_step}")
         grad_accum = gbs // per_step
-    params, largest = parameter_counts(preset, vocab)
     ds = deepspeed_config(train, keys["world"])
+    threshold = ds["zero_optimization"].get("stage3_param_persistence_threshold",
+                                            pm.DS_DEFAULTS["stage3_param_persistence_threshold"])
+    params, largest, persistent = parameter_counts(preset, vocab, threshold)
     return Setup(arch=preset["arch"], model_cfg=mcfg, preset=preset, params=params, largest_layer=largest,
+                 persistent=persistent,
                  micro_batch_size=train.micro_batch_size, seq_len=train.seq_len, grad_accum=grad_accum,
                  zero_stage=train.zero_stage, offload=train.offload_optimizer,
                  bf16=train.precision == "bf16", checkpointing=train.activation_checkpointing,
@@ -177,7 +184,7 @@ def memory(s: Setup, micro_batch: int, seq_len: int, checkpointing: bool) -> dic
     keys, W = s.keys, s.keys["world"]
     cpu = keys["device"] == "cpu"
     st = pm.model_states(s.zero_stage, s.params, s.largest_layer, W, offload=s.offload,
-                         gpus_per_node=keys["gpus_per_node"])
+                         gpus_per_node=keys["gpus_per_node"], persistent=s.persistent)
     act = pm.activations(s.model_cfg, micro_batch, seq_len, s.bf16, checkpointing)
     buffers = pm.comm_buffers(s.zero_stage, s.params, W, s.zero_cfg, touched_only=cpu)
     step_buffers = buffers.get("allreduce_bucket", 0.0)  # freed after the reduce
@@ -285,7 +292,31 @@ def make_plan(s: Setup) -> dict:
         m["largest_seq_len"] = largest_fitting(fit_len, s.seq_len, SEQ_LIMIT, step=64)
         m["cost"] = step_cost(s, ckpt)
         out["memory"]["checkpointing" if ckpt else "no_checkpointing"] = m
+    out["stages"] = stage_table(s)
     return out
+
+
+def stage_table(s: Setup) -> list[dict]:
+    """For each ZeRO stage (the configured offload choice; stage 0 never offloads), without and with
+    activation checkpointing: the peak at the configured micro-batch, the largest micro-batch at the
+    configured sequence length and the longest sequence (a multiple of 64) at the configured
+    micro-batch; 0 when nothing fits."""
+    rows = []
+    for stage in (0, 1, 2, 3):
+        other = dataclasses.replace(s, zero_stage=stage, offload=s.offload and stage > 0,
+                                    zero_cfg={**s.zero_cfg, "stage": stage})
+        row = {"zero_stage": stage}
+        for ckpt, key in ((False, "no_checkpointing"), (True, "checkpointing")):
+            row[key] = {
+                "peak": memory(other, s.micro_batch_size, s.seq_len, ckpt)["peak"],
+                "largest_micro_batch": largest_fitting(
+                    lambda b, o=other, c=ckpt: fits(o, b, s.seq_len, c), max(1, s.micro_batch_size),
+                    BATCH_LIMIT),
+                "largest_seq_len": largest_fitting(
+                    lambda t, o=other, c=ckpt: fits(o, s.micro_batch_size, t, c), s.seq_len, SEQ_LIMIT,
+                    step=64)}
+        rows.append(row)
+    return rows
 
 
 def deepspeed_estimate(s: Setup) -> dict | None:
@@ -348,6 +379,13 @@ def format_plan(p: dict) -> str:
         ours = a["params"] + a["grads"] + a["optimizer"] + a["gathered_layer"]
         lines.append(f"DeepSpeed's {ds['function']} (2-byte weights): {ds['gpu_bytes'] / 1e9:.2f} GB per GPU "
                      f"for model states (newtonlm keeps fp32 weights: {ours / 1e9:.2f} GB above)")
+    lines += ["", f"per ZeRO stage{' (optimizer offload)' if t['offload_optimizer'] else ''}: peak GB at "
+              f"micro-batch {t['micro_batch_size']} / largest micro-batch / largest seq_len",
+              f"  {'stage':6s} {'no checkpointing':>30s}   {'checkpointing':>30s}"]
+    for row in p["stages"]:
+        cells = [f"{r['peak'] / 1e9:8.2f} {r['largest_micro_batch']:8d} {r['largest_seq_len']:10d}"
+                 for r in (row["no_checkpointing"], row["checkpointing"])]
+        lines.append(f"  {row['zero_stage']:<6d} {cells[0]:>30s}   {cells[1]:>30s}")
     c = a["cost"]
     lines += ["", f"step: {c['tokens_per_step']:,} tokens, {c['step_flops']:.3g} model FLOPs "
               f"({c['flops_per_token']:.3g} per token); at MFU {c['mfu']} of {k['gpu']} "

@@ -43,10 +43,11 @@ class ModelStates:
 
 
 def model_states(stage: int, params: int, largest_layer: int, world: int, param_bytes: int = F32,
-                 offload: bool = False, gpus_per_node: int = 8) -> ModelStates:
+                 offload: bool = False, gpus_per_node: int = 8, persistent: int = 0) -> ModelStates:
     """Per-GPU model states of Adam training under ZeRO ``stage`` with ``params`` parameters, the
     largest module holding ``largest_layer`` of them, on ``world`` GPUs; ``param_bytes`` is the
-    weights' dtype (newtonlm keeps fp32 weights also under bf16 autocast: 4).
+    weights' dtype (newtonlm keeps fp32 weights also under bf16 autocast: 4); ``persistent``: the
+    parameters ZeRO-3 never partitions (each below ``stage3_param_persistence_threshold`` elements).
 
     Stages 1-3 are DeepSpeed's own estimators (``estimate_zero2_model_states_mem_needs`` and
     ``estimate_zero3_model_states_mem_needs``), which assume 2-byte weights, with the 2-byte terms
@@ -60,7 +61,8 @@ def model_states(stage: int, params: int, largest_layer: int, world: int, param_
       the full gradients until the step (ZeRO-1 partitions optimizer states only): + p (1 - 1/world);
     * stage 3 (zero3 estimator: "4 x largest layer + 18 / world" for p = 2): the weights are
       partitioned too, p + 16 per parameter / world, plus the largest layer gathered in full with
-      its gradient: 2 p x largest_layer;
+      its gradient: 2 p x largest_layer; where DeepSpeed's estimator stops: the persistent
+      parameters stay whole on every GPU (+ p x persistent);
     * offload_optimizer (DeepSpeed's ``cpu_offload=True`` branch): the fp32 master, the fp32
       gradients and the moments move to the host; the GPU keeps the weights (stages 1-2: p; stage 3:
       p / world + the gathered layer) and the host needs DeepSpeed's ``cpu_mem`` figure per node.
@@ -78,7 +80,7 @@ def model_states(stage: int, params: int, largest_layer: int, world: int, param_
         return ModelStates(params=p * P, grads=p * P / W + 4 * P / W + full_grads,
                            optimizer=(4 + 8) * P / W)
     if stage == 3:
-        gathered = 2 * p * float(largest_layer)
+        gathered = 2 * p * float(largest_layer) + p * float(persistent)
         nodes = max(1, math.ceil(W / gpus_per_node))
         if offload:  # DeepSpeed (params stay on GPU): gpu = largest + 2 P / W; cpu = 16 P / nodes * 1.5
             return ModelStates(params=p * P / W, grads=0.0, optimizer=0.0, gathered=gathered,
@@ -274,8 +276,9 @@ def comm_buffers(stage: int, params: int, world: int, zero_cfg: dict, touched_on
 
     * stage 0, several GPUs: the engine all-reduces the gradients through flat buffers of at most
       ``allreduce_bucket_size`` elements (a copy of the gradients, freed after the reduce);
-    * stages 1-2: the gradient reduce bucket (``reduce_bucket_size`` elements) and the all-gather
-      of the updated weights (``allgather_bucket_size``);
+    * stages 1-2: the gradient reduce bucket (``reduce_bucket_size`` elements, allocated in full
+      every step with contiguous_gradients, DeepSpeed's default; the updated weights are
+      all-gathered into the existing flat weights, no bucket);
     * stage 3: the gradient reduce bucket (``reduce_bucket_size`` elements, allocated at start with
       contiguous_gradients, DeepSpeed's default) and the prefetched weights
       (``stage3_prefetch_bucket_size``).
@@ -288,10 +291,9 @@ def comm_buffers(stage: int, params: int, world: int, zero_cfg: dict, touched_on
     def size(elements):
         return grad_bytes * (min(elements, P) if touched_only else elements)
 
-    if stage == 0:
-        return {"allreduce_bucket": size(get("allreduce_bucket_size")) if world > 1 else 0.0}
+    if stage == 0:  # sized by the gradients it holds
+        return {"allreduce_bucket": grad_bytes * min(get("allreduce_bucket_size"), P) if world > 1 else 0.0}
     if stage in (1, 2):
-        return {"reduce_bucket": size(get("reduce_bucket_size")),
-                "allgather_bucket": size(get("allgather_bucket_size")) if world > 1 else 0.0}
+        return {"reduce_bucket": size(get("reduce_bucket_size"))}
     return {"reduce_bucket": size(get("reduce_bucket_size")),
             "prefetch_bucket": size(get("stage3_prefetch_bucket_size")) if world > 1 else 0.0}
