@@ -39,6 +39,7 @@ from .cells import DIAG, GRU, LSTM, Cell, LSTMCell
 from .checks import check_device, check_floating, check_shape
 from .function import MODES, parallel_rnn
 from .newton import NewtonConfig, NewtonStats
+from .seqpar import CommStats, seqpar_rnn
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +57,14 @@ class ParaRNN(nn.Module):
     ``cell.recurrent_params`` names the recurrent parameters and their row counts (default
     ``{"A": cell.num_gates}``); each is ``[rows, state_dim]``. 2x2-block cells return the second
     state component (an LSTM's h), not the first (its c).
+
+    ``sequence_group`` (or :meth:`set_sequence_parallel`): a torch.distributed process group over
+    which the time axis is split (see :mod:`newtonlm.kernels.seqpar`); None: the whole sequence here.
     """
 
     def __init__(self, cell: Cell, input_dim: int, state_dim: int, num_heads: int = 1, *,
                  mode: str = "auto", newton: NewtonConfig | None = None, init: str = "reference",
-                 a_max: float | None = None):
+                 a_max: float | None = None, sequence_group=None):
         super().__init__()
         if not isinstance(cell, Cell):
             raise ValueError(f"cell is {type(cell).__name__}; expected a newtonlm.kernels.Cell")
@@ -92,9 +96,31 @@ class ParaRNN(nn.Module):
             self.register_parameter(name, nn.Parameter(torch.empty(rows[name], N)))
         self.b = nn.Parameter(torch.empty(K, N))
         self.stats = NewtonStats()
+        self.sequence_group, self.comm = None, CommStats()
+        if sequence_group is not None:
+            self.set_sequence_parallel(sequence_group)
         self.reset_parameters()
         self.register_state_dict_post_hook(_save_a_max)
         self.register_load_state_dict_pre_hook(_check_loaded_a_max)
+
+    def set_sequence_parallel(self, group):
+        """Split the time axis over the ranks of ``group`` (a torch.distributed process group;
+        None: back to single-process). Then :meth:`forward` takes this rank's chunk
+        ``x [B, L_k, input_dim]`` (chunks in rank order along time) and returns its chunk of h; the
+        ``state`` argument is the state before the whole sequence, read on rank 0; ``return_state``
+        gives this chunk's last state (the sequence's final state on the last rank). Parameter
+        gradients are this rank's partial sums: sum them over the group. Traffic is counted in
+        ``self.comm`` (:class:`~newtonlm.kernels.seqpar.CommStats`)."""
+        if group is not None:
+            import torch.distributed as dist
+
+            if not dist.is_available() or not dist.is_initialized():
+                raise ValueError("set_sequence_parallel needs an initialized torch.distributed "
+                                 "process group (init_process_group); none is initialized")
+            if not isinstance(group, dist.ProcessGroup):
+                raise ValueError(f"group is {type(group).__name__}; expected a "
+                                 "torch.distributed.ProcessGroup or None")
+        self.sequence_group = group
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -157,8 +183,13 @@ class ParaRNN(nn.Module):
         ``[B, state_dim]`` or ``[B, 2, state_dim]`` when ``return_state``)."""
         self._check_x(x, 3)
         self._check_state(state, x.shape[0])
-        s = parallel_rnn(self.cell, self.input_drive(x), self.recurrent_weights(), state,
-                         mode=self.mode, newton=self.newton, stats=self.stats)
+        if self.sequence_group is not None:
+            s = seqpar_rnn(self.cell, self.input_drive(x), self.recurrent_weights(), state,
+                           group=self.sequence_group, mode=self.mode, newton=self.newton,
+                           stats=self.stats, comm=self.comm)
+        else:
+            s = parallel_rnn(self.cell, self.input_drive(x), self.recurrent_weights(), state,
+                             mode=self.mode, newton=self.newton, stats=self.stats)
         out = self._output(s)
         return (out, s[:, -1]) if return_state else out
 

@@ -38,7 +38,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 
-from newtonlm.kernels import ParaGRU, ParaLSTM, ParaRNN, newton_telemetry
+from newtonlm.kernels import ParaGRU, ParaLSTM, ParaRNN, halo_exchange, newton_telemetry
 
 from .configuration_pararnn import ParaGRUConfig, ParaLSTMConfig, ParaRNNConfig
 
@@ -117,6 +117,13 @@ class CausalDepthwiseConv(nn.Module):
         return y, xp[:, T:].transpose(1, 2)
 
 
+def sequence_parallel_conv_state(x: torch.Tensor, kernel: int, group) -> torch.Tensor:
+    """The conv state of a chunk of a sequence split over the ranks of ``group``: the previous
+    rank's last ``kernel - 1`` inputs (zeros on rank 0) as ``[B, C, kernel - 1]``, from this rank's
+    chunk ``x [B, L, C]``; differentiable (the gradient goes back to the previous rank's x)."""
+    return halo_exchange(x, kernel - 1, group).transpose(1, 2)
+
+
 class ParaRNNMixer(nn.Module):
     """The ParaRNN mixer: u ``[B, T, d]`` -> ``[B, T, d]`` (see the module docstring)."""
 
@@ -132,10 +139,17 @@ class ParaRNNMixer(nn.Module):
                               newton=config.newton_config(), init=config.cell_init, a_max=config.a_max)
         self.out_norm = ParaRNNRMSNorm(N, config.rms_norm_eps)
         self.out_proj = nn.Linear(N, config.hidden_size, bias=False)
+        self.sequence_group = None  # set by ParaRNNForCausalLM.set_sequence_parallel
 
     def forward(self, u: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
         x, z = self.in_proj(u).split((self.d_inner, self.state_dim), dim=-1)
         conv_state = cell_state = None
+        if self.sequence_group is not None:
+            if cache is not None:
+                raise ValueError("a sequence-parallel ParaRNN model runs without a cache (training "
+                                 "and scoring); pass use_cache=False, or set_sequence_parallel(None) "
+                                 "to generate")
+            conv_state = sequence_parallel_conv_state(x, self.conv.kernel, self.sequence_group)
         if cache is not None:
             conv_state = cache.get_conv_state(self.layer_idx)
             cell_state = cache.get_recurrent_state(self.layer_idx)
@@ -293,6 +307,17 @@ class ParaRNNForCausalLM(ParaRNNPreTrainedModel, GenerationMixin):
                                       **loss_kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache,
                                       hidden_states=out.hidden_states)
+
+    def set_sequence_parallel(self, group):
+        """Split the time axis over the ranks of ``group`` (a torch.distributed process group; None:
+        single-process again): each rank then passes its chunk of ``input_ids`` (in rank order,
+        ``newtonlm.kernels.split_sequence``) and gets its chunk of the logits; the convolutions
+        take their halo from the previous rank and the cells solve across ranks
+        (``newtonlm.kernels.seqpar``). Parameter gradients are this rank's partial sums: sum them
+        over the group. Runs without a cache (``use_cache=False``)."""
+        for layer in self.model.layers:
+            layer.mixer.cell.set_sequence_parallel(group)
+            layer.mixer.sequence_group = group
 
     def cells(self) -> list[ParaRNN]:
         """The ParaRNN cell of every block, in order."""
