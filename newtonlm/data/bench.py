@@ -6,7 +6,8 @@ On the configured corpus (default: the bundled Shakespeare) and its tokenizer, m
 * ``stream w=K``: the streaming train loader (read, clean, tokenize, pack, shuffle buffer, batch)
   with K DataLoader workers, from ``iter()`` (worker start and buffer fill included);
 * ``prepare``: writing the pre-tokenized shards;
-* ``shards w=K``: the train loader reading those shards (global shuffle);
+* ``shards w=K``: the train loader reading those shards (global shuffle; ``--no-stream``: only
+  these, ``tokenize`` and ``prepare``);
 
 each as MB/s of text and tokens/s (``loader tokens`` counts the input positions of the batches,
 B x T per batch; MB/s converts with the corpus's bytes per token), and the margin over a model
@@ -47,8 +48,10 @@ def _row(stage: str, tokens: int, seconds: float) -> dict:
     return {"stage": stage, "tokens_per_s": tokens / seconds, "seconds": seconds, "tokens": tokens}
 
 
-def run(cfg, seq_len: int, batch_size: int, min_tokens: int, workers: list[int], workdir: str) -> dict:
-    """Every measurement of the module docstring; tokenizer and shards go to ``workdir``."""
+def run(cfg, seq_len: int, batch_size: int, min_tokens: int, workers: list[int], workdir: str,
+        stream: bool = True) -> dict:
+    """Every measurement of the module docstring (``stream=False``: no ``stream w=K`` rows);
+    tokenizer and shards go to ``workdir``."""
     rows = []
     start = time.perf_counter()
     tokenizer = get_or_train_tokenizer(cfg, os.path.join(workdir, "tokenizer"))
@@ -65,7 +68,7 @@ def run(cfg, seq_len: int, batch_size: int, min_tokens: int, workers: list[int],
     bytes_per_token = text_bytes / n_tokens
     rows.append(_row("tokenize", n_tokens, seconds))
 
-    for w in workers:
+    for w in workers if stream else []:
         loader = build_loader(cfg, tokenizer, seq_len, batch_size, num_workers=w, seed=0)
         rate, tokens = _loader_rate(loader, min_tokens)
         rows.append(_row(f"stream w={w}", tokens, tokens / rate))
@@ -104,11 +107,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=2_000_000, help="input tokens read per loader row")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--model-tokens-per-s", type=float, default=5000.0)
+    parser.add_argument("--no-stream", action="store_true", help="skip the streaming loader rows")
     parser.add_argument("--config-dir", help="Hydra config folder (default: the repository's configs/)")
     args = parser.parse_args(options)
     cfg = compose_data_config(overrides, args.config_dir)
     with tempfile.TemporaryDirectory() as workdir:
-        result = run(cfg, args.seq_len, args.batch_size, args.tokens, args.workers, workdir)
+        result = run(cfg, args.seq_len, args.batch_size, args.tokens, args.workers, workdir,
+                     stream=not args.no_stream)
     for row in result["rows"]:
         row["x_model"] = row["tokens_per_s"] / args.model_tokens_per_s
     if args.json:
