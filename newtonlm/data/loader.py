@@ -167,8 +167,8 @@ class ResumableLoader:
     def _check_version(self, state: dict) -> None:
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             found = state.get("version") if isinstance(state, dict) else type(state).__name__
-            raise DataError(f"data loader state version {found!r}; expected {STATE_VERSION} (a state "
-                            f"written before elastic resume cannot be restored: restart the data)")
+            raise DataError(f"data loader state version {found!r}; expected {STATE_VERSION} (states written "
+                            f"before elastic resume are not readable: resume with the code that wrote it)")
 
     def load_state_dict(self, state: dict) -> None:
         """Restore this rank's own state (same signature, layout included)."""
