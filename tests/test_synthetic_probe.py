@@ -167,3 +167,12 @@ def test_survey_finds_no_second_state_below_one_and_some_above(cell):
     assert high["multistable"] > 0.1
     with pytest.raises(ValueError, match="cell='rnn'"):
         survey("rnn", 0.9)
+
+
+def test_probe_stops_starting_runs_after_max_minutes():
+    cfg = ProbeConfig(tasks=["parity"], seeds=[0], model=TINY, max_minutes=1e-9,
+                      variants=[Variant(name="g", arch="paragru")])
+    assert run_probe(cfg) == []
+    cfg.max_minutes = -1.0
+    with pytest.raises(ValueError, match="max_minutes=-1.0"):
+        run_probe(cfg)

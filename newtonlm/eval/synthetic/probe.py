@@ -49,7 +49,9 @@ class ProbeConfig:
     """``tasks`` x ``variants`` x ``seeds``; ``task``: the tasks' parameters; ``model``: the base size
     (preset + per-architecture overrides) that every variant starts from; ``train``: TrainSettings;
     ``eval_lengths`` and ``eval_samples`` sequences per length; ``threads`` (torch threads, 0:
-    default); results in ``out_dir``."""
+    default); ``max_minutes`` (0: none): start no run after this much wall time (seeds run in the
+    outer loop, so a stopped probe has every task x variant for its first seeds); results in
+    ``out_dir``."""
 
     name: str = "state_tracking"
     tasks: list[str] = field(default_factory=lambda: ["parity", "modcount"])
@@ -61,6 +63,7 @@ class ProbeConfig:
     eval_lengths: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
     eval_samples: int = 256
     threads: int = 1
+    max_minutes: float = 0.0
     out_dir: str = "docs/results/${name}"
 
 
@@ -129,20 +132,29 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def run_probe(cfg: ProbeConfig, out: Path | None = None) -> list[dict]:
-    """Every task x variant x seed: one row ``{task, variant, arch, seed, parameters, final_loss,
-    seconds, eval: [evaluate(...) per length]}``; with ``out``, ``out/results.json`` is rewritten
-    after every run."""
+    """Every seed x task x variant (seeds outermost): one row ``{task, variant, arch, seed,
+    parameters, final_loss, nonfinite_steps, seconds, eval: [evaluate(...) per length]}``, in the
+    order task, variant, seed; with ``out``, ``out/results.json`` is rewritten after every run.
+    Stops starting runs after ``cfg.max_minutes`` (when > 0)."""
     check(cfg)
+    if cfg.max_minutes < 0:
+        raise ValueError(f"max_minutes={cfg.max_minutes}; expected >= 0 (0: no limit)")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    rows = []
-    for task in cfg.tasks:
-        for v in cfg.variants:
-            for seed in cfg.seeds:
+    rows, t0 = [], time.perf_counter()
+    order = {(t, v.name): i for i, (t, v) in enumerate((t, v) for t in cfg.tasks for v in cfg.variants)}
+    for seed in cfg.seeds:
+        for task in cfg.tasks:
+            for v in cfg.variants:
+                if cfg.max_minutes and time.perf_counter() - t0 > 60 * cfg.max_minutes:
+                    print(f"[probe] max_minutes={cfg.max_minutes} reached: stopping before {task} "
+                          f"{v.name} seed {seed}", flush=True)
+                    return rows
                 model, info = train_model(task, cfg.task, v.arch, variant_size(cfg.model, v), cfg.train, seed)
                 evals = [evaluate(model, task, cfg.task, L, cfg.eval_samples, seed) for L in cfg.eval_lengths]
                 rows.append({"task": task, "variant": v.name, "arch": v.arch, "seed": seed, **info,
                              "eval": evals})
+                rows.sort(key=lambda r: (order[r["task"], r["variant"]], r["seed"]))
                 seq = "  ".join(f"{e['length']}: {e['seq_acc']:.2f}" for e in evals)
                 print(f"[probe] {task:<9} {v.name:<18} seed {seed}  loss {info['final_loss']:.4f}  "
                       f"{info['seconds']:.0f} s  whole-sequence acc  {seq}", flush=True)
@@ -157,10 +169,13 @@ def markdown(rows: list[dict], cfg: ProbeConfig, command: str, machine: str, sec
     variants = {v.name: v for v in cfg.variants}
     curriculum = (f", the longest length growing linearly from {t.min_len} to {t.max_len} over the "
                   f"first {t.curriculum_steps} steps" if t.curriculum_steps else "")
+    planned = len(cfg.tasks) * len(cfg.variants) * len(cfg.seeds)
+    budget = (f" (runs started within max_minutes={cfg.max_minutes:g}: {len(rows)} of {planned} runs)"
+              if cfg.max_minutes else "")
     lines = [
         f"# State-tracking probe `{cfg.name}`", "", "Produced by (from the repository root):", "",
         "```bash", command, "```", "",
-        f"Machine: {machine}. Total {seconds / 60:.1f} min.", "",
+        f"Machine: {machine}. Total {seconds / 60:.1f} min{budget}.", "",
         f"Training: {t.steps} steps of {t.batch_size} sequences, lengths uniform in [{t.min_len}, "
         f"{t.max_len}]{curriculum}; AdamW lr {t.lr}, warmup {t.warmup_steps}, cosine to 0.1 x lr. "
         f"Seeds {list(cfg.seeds)} (model init and data). Each cell: whole-sequence accuracy (every "
