@@ -281,7 +281,7 @@ def case_model(rank, world, group, T):
 
     torch.manual_seed(7)
     cfg = ParaGRUConfig(vocab_size=31, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
-                        d_inner=8, state_dim=8, num_heads=2, cell_mode="parallel")
+                        expand=1, state_dim=8, num_heads=2, cell_mode="parallel")
     model = ParaGRUForCausalLM(cfg).double().eval()
     ids = torch.randint(0, 31, (2, T))
     logits_ref = model(ids, use_cache=False).logits
