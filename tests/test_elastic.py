@@ -237,8 +237,13 @@ def elastic_case(tmp_path: Path, shards: list, zero: int, world: int, new_world:
     assert len(events) == 1 and events[0]["world_size"] == new_world and events[0]["step"] == 2
 
     # the state resumed on new_world ranks is the state saved on world ranks, bit for bit
-    saved = torch.load(tmp_path / "dump_a" / "saved_2.pt")
-    resumed = torch.load(tmp_path / "dump_b" / "resumed_2.pt")
+    saved_all = torch.load(tmp_path / "dump_a" / "saved_2.pt")
+    resumed_all = torch.load(tmp_path / "dump_b" / "resumed_2.pt")
+    # Adam's step count and every group's settings (weight decay per group), on every rank
+    assert all(o == saved_all["optimizer"][0] for o in saved_all["optimizer"] + resumed_all["optimizer"])
+    assert saved_all["optimizer"][0]["steps"] == [2.0]
+    assert [g["weight_decay"] for g in saved_all["optimizer"][0]["groups"]] == [0.1, 0.0]
+    saved, resumed = saved_all["params"], resumed_all["params"]
     assert saved.keys() == resumed.keys() and len(saved) > 10
     for name in saved:
         for what, s, r in zip(("parameter", "exp_avg", "exp_avg_sq"), saved[name], resumed[name]):
@@ -255,6 +260,8 @@ def elastic_case(tmp_path: Path, shards: list, zero: int, world: int, new_world:
         assert y["loss"] == pytest.approx(x["loss"], rel=LOSS_RTOL), (x, y)
         worst = max(worst, abs(x["loss"] - y["loss"]) / abs(x["loss"]))
     final_a, final_b = (torch.load(tmp_path / d / "saved_4.pt") for d in ("dump_a", "dump_b"))
+    assert final_b["optimizer"][0] == final_a["optimizer"][0] and final_a["optimizer"][0]["steps"] == [4.0]
+    final_a, final_b = final_a["params"], final_b["params"]
     param_dev = max((final_a[n][0] - final_b[n][0]).abs().max().item() for n in final_a)
     print(f"ZeRO-{zero} {world}->{new_world}: max relative loss deviation {worst:.3g}, "
           f"max parameter deviation at step 4 {param_dev:.3g}")

@@ -36,7 +36,18 @@ importing the trainer. Its format, owned by this module and ``loop.py``:
   without verification. :meth:`Checkpoints.verify` checks a folder against its manifest;
   ``newtonlm.export`` has its own verifier of the same format (``tests/test_export.py`` checks both
   agree);
-* ``checkpoints/latest``: DeepSpeed's pointer, the newest complete tag.
+* ``checkpoints/latest``: DeepSpeed's pointer, the newest complete tag;
+* ``checkpoints/.universal-step_NNNNNNNN/`` (transient): while a ZeRO checkpoint written by another
+  number of ranks is loaded, rank 0's conversion of it to DeepSpeed's universal checkpoint
+  (``ds_to_universal``); deleted once every rank has loaded it or the conversion failed, and on
+  the next such load if a crash left it. Readers ignore it (it has no ``step_`` name).
+
+Elastic resume (:meth:`Checkpoints.load`): the manifest's ``world_size`` is the number of ranks
+that wrote the checkpoint. Loaded on another number of ranks, a ZeRO 1-3 checkpoint goes through
+the universal conversion (the per-rank optimizer shards are merged into one file per parameter and
+state, then each rank takes its new partition: DeepSpeed's own re-partitioning, nothing
+hand-written); a ZeRO-0 checkpoint holds the whole optimizer state in its model-states file and
+loads as it is. The original folder is only read.
 
 Checksums: every file gets a CRC-32, computed right after the save by the rank that wrote it (the
 file is still in that node's page cache; :func:`file_owner`) and gathered on rank 0, which writes the
@@ -218,6 +229,33 @@ def convert_to_universal(folder: Path, out: Path) -> None:
         ds_to_universal.main(args)
 
 
+def _base_optimizer(engine):
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)  # inside the ZeRO wrapper
+
+
+def _group_hyperparameters(engine) -> list[dict]:
+    """The inner optimizer's settings per parameter group, but the learning rate (the schedule's)."""
+    return [{k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")}
+            for group in _base_optimizer(engine).param_groups]
+
+
+def _repair_zero3_universal_load(engine, hyper: list[dict]) -> None:
+    """Undo two slips of DeepSpeed's ZeRO-3 universal load (0.19.8,
+    ``stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3``): it gives every parameter group
+    the first group's settings (here: weight decay on the no-decay group), and one ``step`` tensor
+    to every group, which AdamW then increments once per group and step (wrong bias correction
+    from the first resumed step on). ``hyper``: the groups' settings before the load, which equal
+    the checkpoint's (a resume refuses another weight decay, betas or eps)."""
+    import torch
+
+    base = _base_optimizer(engine)
+    for group, settings in zip(base.param_groups, hyper, strict=True):
+        group.update(settings)
+    for state in base.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
 class Checkpoints:
     def __init__(self, root: Path, keep_last: int, is_main: bool):
         self.root, self.keep_last, self.is_main = Path(root), keep_last, is_main
@@ -369,10 +407,14 @@ class Checkpoints:
             if error:
                 raise CheckpointError(error)
             engine._config.load_universal_checkpoint = True  # read by load_checkpoint only
+            hyper = _group_hyperparameters(engine)
             try:
-                return self._engine_load(engine, work, tag, folder)
+                state = self._engine_load(engine, work, tag, folder)
             finally:
                 engine._config.load_universal_checkpoint = False
+            if engine.zero_optimization_stage() == 3:
+                _repair_zero3_universal_load(engine, hyper)
+            return state
         finally:
             barrier()
             if self.is_main:

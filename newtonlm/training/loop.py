@@ -305,9 +305,14 @@ def dump_state(job: Job, step: int, when: str) -> None:
             moments = job.optimizer.state.get(p, {})
             value = [p.detach()] + [moments.get(k) for k in ("exp_avg", "exp_avg_sq")]
         out[name] = [None if v is None else v.detach().float().cpu().clone() for v in value]
+    # the inner optimizer's hyperparameters per group and its step counts (Adam's bias correction)
+    base = getattr(job.optimizer, "optimizer", job.optimizer)
+    steps = sorted({float(st["step"]) for st in base.state.values() if "step" in st})
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
+    gathered = all_gather_object({"steps": steps, "groups": groups})
     if job.dist.is_main:
         Path(folder).mkdir(parents=True, exist_ok=True)
-        torch.save(out, Path(folder) / f"{when}_{step}.pt")
+        torch.save({"params": out, "optimizer": gathered}, Path(folder) / f"{when}_{step}.pt")
 
 
 # ---- set-up --------------------------------------------------------------------------------------
