@@ -162,14 +162,20 @@ def test_largest_micro_batch_is_the_largest_that_fits(demo_setup):
     assert out["checkpointing"]["largest_micro_batch"] > out["no_checkpointing"]["largest_micro_batch"]
 
 
-def test_peak_is_the_larger_moment(demo_setup):
-    """The peak is weights + optimizer states + overhead + the larger of (activations + logits) and
-    (gradients + step scratch), at ZeRO 0 with one micro-batch per step (no gradients kept between)."""
-    m = plan.memory(demo_setup, 4, 256, False)
-    static = m["params"] + m["optimizer"] + m["overhead"]
-    assert m["peak"] == pytest.approx(static + max(m["activations"] + m["logits"],
-                                                   m["grads"] + m["step_scratch"]))
-    assert m["logits"] == 3 * 4 * 4 * 256 * 8000  # three fp32 [B T, V] copies, vocab 8000 (demo data)
+def test_peak_is_the_largest_moment(demo_setup):
+    """The peak is weights + optimizer states + overhead + the largest of: the saved activations
+    and the logits' gradients (start of the backward), the first block and all gradients (its end),
+    the gradients and the step's scratch; at ZeRO 0 with one micro-batch per step no gradient is
+    kept between steps."""
+    for ckpt in (False, True):
+        m = plan.memory(demo_setup, 4, 256, ckpt)
+        static = m["params"] + m["optimizer"] + m["overhead"]
+        assert m["peak"] == pytest.approx(static + max(m["activations"] + m["logits"],
+                                                       m["last_block"] + m["grads"],
+                                                       m["grads"] + m["step_scratch"]))
+        assert m["logits"] == 3 * 4 * 4 * 256 * 8000  # three fp32 [B T, V] copies, vocab 8000 (demo data)
+    cfg = demo_setup.model_cfg
+    assert m["last_block"] == plan_memory.layer_saved(cfg, 4, 256, False) + 4 * 4 * 256 * cfg.hidden_size
 
 
 def test_step_cost(demo_setup):

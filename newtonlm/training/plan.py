@@ -177,10 +177,12 @@ def setup_from_args(argv: list[str]) -> tuple[Setup, bool]:
 def memory(s: Setup, micro_batch: int, seq_len: int, checkpointing: bool) -> dict:
     """Per-GPU bytes at the step's largest moment (per process for ``device=cpu``), by part.
 
-    Two moments compete: the start of the backward (weights, optimizer states, every saved
-    activation, the logits' gradients; the gradients too when they persist: ZeRO 2/3 partition
-    buffers, or accumulation over several micro-batches) and the optimizer step (weights,
-    gradients, optimizer states, the step's scratch, a gradient all-reduce copy at ZeRO 0)."""
+    Three moments compete (:func:`~newtonlm.training.plan_memory.activations`): the start of the
+    backward (every saved activation and the logits' gradients; the gradients too when they
+    persist: ZeRO 2/3 partition buffers, or accumulation over several micro-batches), its end (the
+    first block's tensors and all gradients) and the optimizer step (gradients, the step's scratch,
+    at ZeRO 0 the all-reduce copy of the gradients); weights, optimizer states and the ZeRO
+    buffers are there throughout."""
     keys, W = s.keys, s.keys["world"]
     cpu = keys["device"] == "cpu"
     st = pm.model_states(s.zero_stage, s.params, s.largest_layer, W, offload=s.offload,
@@ -197,16 +199,17 @@ def memory(s: Setup, micro_batch: int, seq_len: int, checkpointing: bool) -> dic
     scratch = 0.0 if s.offload else (2 * pm.F32 * largest_tensor if cpu else pm.F32 * stepped)
     persistent_grads = s.zero_stage >= 2 or s.grad_accum > 1
     static = st.params + st.optimizer + st.gathered + live_buffers
-    backward = static + act.total + (st.grads if persistent_grads else 0.0)
-    step = static + st.grads + scratch + step_buffers
+    moments = {"backward start": static + act.start + (st.grads if persistent_grads else 0.0),
+               "backward end": static + act.last_block + st.grads,
+               "optimizer step": static + st.grads + scratch + step_buffers}
+    peak_at = max(moments, key=moments.get)
     overhead = (keys["overhead_gb"] if keys["overhead_gb"] is not None
                 else OVERHEAD_GB["cpu" if cpu else "cuda"]) * GIB
-    peak = max(backward, step) + overhead
     return {"params": st.params, "grads": st.grads, "optimizer": st.optimizer,
-            "gathered_layer": st.gathered, "activations": act.saved + act.recompute + act.head,
-            "logits": act.logits, "comm_buffers": sum(buffers.values()), "step_scratch": scratch,
-            "overhead": overhead, "peak": peak, "peak_at": "backward" if backward >= step else "step",
-            "host_per_node": st.host_per_node, "buffers": buffers,
+            "gathered_layer": st.gathered, "activations": act.saved + act.head,
+            "logits": act.logits, "last_block": act.last_block, "comm_buffers": sum(buffers.values()),
+            "step_scratch": scratch, "overhead": overhead, "peak": moments[peak_at] + overhead,
+            "peak_at": peak_at, "moments": moments, "host_per_node": st.host_per_node, "buffers": buffers,
             "bf16_weight_copies": act.weight_copies}
 
 
@@ -360,13 +363,14 @@ def format_plan(p: dict) -> str:
              "", f"memory {where}, GB          no checkpointing   checkpointing"]
     a, b = p["memory"]["no_checkpointing"], p["memory"]["checkpointing"]
     rows = [("weights", "params"), ("gradients", "grads"), ("optimizer states", "optimizer"),
-            ("ZeRO-3 gathered layer", "gathered_layer"), ("activations", "activations"),
-            ("logits + loss", "logits"), ("communication buffers", "comm_buffers"),
+            ("ZeRO-3 gathered layer", "gathered_layer"), ("activations (saved)", "activations"),
+            ("logits + loss", "logits"), ("first block in backward", "last_block"),
+            ("communication buffers", "comm_buffers"),
             ("optimizer step scratch", "step_scratch"), ("framework overhead", "overhead"),
             ("peak", "peak")]
     for label, key in rows:
         lines.append(f"  {label:26s} {_gb(a[key])}          {_gb(b[key])}")
-    lines.append(f"  {'peak is at':26s} {a['peak_at']:>8s}          {b['peak_at']:>8s}")
+    lines.append(f"  {'peak is at':26s} {a['peak_at']:>14s}    {b['peak_at']:>14s}")
     lines.append(f"  {'fits':26s} {str(a['fits']):>8s}          {str(b['fits']):>8s}")
     lines.append(f"  {'largest micro-batch':26s} {a['largest_micro_batch']:8d}          "
                  f"{b['largest_micro_batch']:8d}   (at seq_len {t['seq_len']})")

@@ -226,37 +226,40 @@ def saved_total(cfg, B: int, T: int, bf16: bool, checkpointing: bool) -> float:
 
 @dataclass(frozen=True)
 class Activations:
-    """Bytes of the activation-side memory of one micro-batch at its largest."""
+    """Bytes of the activation side of one micro-batch at the two ends of its backward."""
 
     saved: float  # kept for the backward by all blocks (checkpointing: the block inputs)
-    recompute: float  # checkpointing: one block's saved tensors, recomputed during its backward
     head: float  # ids, final norm, LM-head input (+ bf16 weight copies of the head, rotary tables)
     logits: float  # logits / log-softmax / their gradients at the start of the backward
+    last_block: float  # what the backward of the first block holds: its saved tensors (recomputed
+    #                    with checkpointing, with its input)
     weight_copies: float  # bf16 autocast copies of the matmul weights (cached for the forward)
 
     @property
-    def total(self) -> float:
-        return self.saved + self.recompute + self.head + self.logits
+    def start(self) -> float:
+        """At the start of the backward: every saved tensor and the logits' gradients."""
+        return self.saved + self.head + self.logits
 
 
 def activations(cfg, B: int, T: int, bf16: bool, checkpointing: bool) -> Activations:
-    """The activation memory of a micro-batch of ``B`` sequences of ``T`` tokens at the start of the
-    backward (its largest moment: every saved tensor plus the logits' gradients).
+    """The activation memory of a micro-batch of ``B`` sequences of ``T`` tokens.
 
-    With checkpointing, the blocks keep their inputs and one block is recomputed at a time; the
-    bf16 weight copies (all layers') are freed when the forward ends and re-made per layer in the
-    recomputation, so the recomputed block counts its own."""
+    The backward frees each block's tensors while the weight gradients build up, so its two ends
+    compete: the start (every saved tensor plus the logits' gradients) and the end, the first
+    block's backward, when the other blocks' tensors are gone and (ZeRO 0-1) all gradients exist.
+    With checkpointing the blocks keep their inputs and one block is recomputed at a time (with its
+    own bf16 weight copies: the forward's are freed when it ends). Measured on CPU
+    (docs/planning.md): within a block's backward the gradients of its intermediates add little
+    (under 3% of the block), so they are not counted."""
     L = cfg.num_hidden_layers
     weights = BF16 * _mm_weights(cfg) if bf16 else 0.0
+    block = layer_saved(cfg, B, T, bf16)
     if checkpointing:
-        saved = L * checkpointed_saved(cfg, B, T)
-        # the recomputed block (with its own weight copies) is alive after the logits' peak
-        recompute = max(0.0, layer_saved(cfg, B, T, bf16) - logits_peak(cfg, B, T))
-        return Activations(saved=saved, recompute=recompute, head=head_saved(cfg, B, T, bf16, True),
-                           logits=logits_peak(cfg, B, T), weight_copies=weights)
-    saved = L * layer_saved(cfg, B, T, bf16)
-    return Activations(saved=saved, recompute=0.0, head=head_saved(cfg, B, T, bf16),
-                       logits=logits_peak(cfg, B, T), weight_copies=L * weights)
+        return Activations(saved=L * checkpointed_saved(cfg, B, T), head=head_saved(cfg, B, T, bf16, True),
+                           logits=logits_peak(cfg, B, T), last_block=block + checkpointed_saved(cfg, B, T),
+                           weight_copies=weights)
+    return Activations(saved=L * block, head=head_saved(cfg, B, T, bf16), logits=logits_peak(cfg, B, T),
+                       last_block=block, weight_copies=L * weights)
 
 
 # ---- DeepSpeed buffers -------------------------------------------------------------------------
