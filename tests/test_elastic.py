@@ -184,7 +184,7 @@ TINY = ["model.hidden_size=32", "model.num_hidden_layers=2", "model.intermediate
         "data.tokenizer.vocab_size=512", "wandb=disabled", "data.format=shards",
         "train.max_steps=4", "train.save_every=2"]
 # Continued losses vs the uninterrupted run: fp32 sums in another order (micro-steps on one rank
-# vs an all-reduce over two). Measured: equal bit for bit in every case of this file (docs/training.md).
+# vs an all-reduce over two). Measured: equal bit for bit in every case of this file (2-core VM).
 LOSS_RTOL = 1e-5
 
 
