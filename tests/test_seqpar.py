@@ -470,3 +470,21 @@ def test_four_ranks_fallback_conv_and_errors(pool4):
     errors = pool4.run(case_errors, "short", expect_error=True)
     assert all("every rank needs at least one step" in m for _, m in errors)
 
+
+
+@pytest.mark.slow
+def test_bench_counts_the_bytes_of_the_formula(capsys):
+    """The benchmark command end to end (2 processes, tiny sizes): its bytes per Newton iteration
+    are the formula's (per iteration the previous state, K-1 summaries of 2N values per sequence,
+    K-1 residual pairs; plus the state and residual of the final check, spread over the iterations)."""
+    from newtonlm.kernels import seqpar_bench
+
+    rows = seqpar_bench.main(["--cells", "gru", "--modes", "parallel", "--ranks", "1", "2", "--B", "2",
+                              "--T", "17", "--N", "4", "--heads", "1", "--steps", "1", "--warmup", "0"])
+    assert "B/iter/rank" in capsys.readouterr().out
+    one, two = rows
+    assert (one["K"], one["bytes_per_iter"], two["K"], two["chunk"]) == (1, 0, 2, 9)
+    B, N, K, it = 2, 4, 2, two["iters"]
+    state, residual, summary = B * N * 4, (K - 1) * 2 * 8, (K - 1) * B * 2 * N * 4
+    assert two["bytes_per_iter"] == pytest.approx(((it + 1) * (state + residual) + it * summary) / it)
+    assert two["activation_bytes"] == B * 9 * N * 4
