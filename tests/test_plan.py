@@ -165,13 +165,14 @@ def test_largest_micro_batch_is_the_largest_that_fits(demo_setup):
 def test_peak_is_the_largest_moment(demo_setup):
     """The peak is weights + optimizer states + overhead + the largest of: the saved activations
     and the logits' gradients (start of the backward), the first block and all gradients (its end),
-    the gradients and the step's scratch; at ZeRO 0 with one micro-batch per step no gradient is
-    kept between steps."""
+    the gradients and their flat all-reduce copy, the gradients and the step's scratch; at ZeRO 0
+    with one micro-batch per step no gradient is kept between steps."""
     for ckpt in (False, True):
         m = plan.memory(demo_setup, 4, 256, ckpt)
         static = m["params"] + m["optimizer"] + m["overhead"]
         assert m["peak"] == pytest.approx(static + max(m["activations"] + m["logits"],
                                                        m["last_block"] + m["grads"],
+                                                       2 * m["grads"],  # the all-reduce's flat copy
                                                        m["grads"] + m["step_scratch"]))
         assert m["logits"] == 3 * 4 * 4 * 256 * 8000  # three fp32 [B T, V] copies, vocab 8000 (demo data)
     cfg = demo_setup.model_cfg

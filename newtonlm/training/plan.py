@@ -177,12 +177,12 @@ def setup_from_args(argv: list[str]) -> tuple[Setup, bool]:
 def memory(s: Setup, micro_batch: int, seq_len: int, checkpointing: bool) -> dict:
     """Per-GPU bytes at the step's largest moment (per process for ``device=cpu``), by part.
 
-    Three moments compete (:func:`~newtonlm.training.plan_memory.activations`): the start of the
+    Four moments compete (:func:`~newtonlm.training.plan_memory.activations`): the start of the
     backward (every saved activation and the logits' gradients; the gradients too when they
     persist: ZeRO 2/3 partition buffers, or accumulation over several micro-batches), its end (the
-    first block's tensors and all gradients) and the optimizer step (gradients, the step's scratch,
-    at ZeRO 0 the all-reduce copy of the gradients); weights, optimizer states and the ZeRO
-    buffers are there throughout."""
+    first block's tensors and all gradients), ZeRO 0's all-reduce (the gradients and their flat
+    copy) and the optimizer step (the gradients and the step's scratch); weights, optimizer states
+    and the ZeRO buffers are there throughout."""
     keys, W = s.keys, s.keys["world"]
     cpu = keys["device"] == "cpu"
     st = pm.model_states(s.zero_stage, s.params, s.largest_layer, W, offload=s.offload,
@@ -201,7 +201,8 @@ def memory(s: Setup, micro_batch: int, seq_len: int, checkpointing: bool) -> dic
     static = st.params + st.optimizer + st.gathered + live_buffers
     moments = {"backward start": static + act.start + (st.grads if persistent_grads else 0.0),
                "backward end": static + act.last_block + st.grads,
-               "optimizer step": static + st.grads + scratch + step_buffers}
+               "gradient all-reduce": static + st.grads + step_buffers,
+               "optimizer step": static + st.grads + scratch}
     peak_at = max(moments, key=moments.get)
     overhead = (keys["overhead_gb"] if keys["overhead_gb"] is not None
                 else OVERHEAD_GB["cpu" if cpu else "cuda"]) * GIB

@@ -277,8 +277,9 @@ def comm_buffers(stage: int, params: int, world: int, zero_cfg: dict, touched_on
     only the part a step writes (host memory: pages never written are not resident), not the
     whole allocation (GPU memory: an allocation is reserved in full).
 
-    * stage 0, several GPUs: the engine all-reduces the gradients through flat buffers of at most
-      ``allreduce_bucket_size`` elements (a copy of the gradients, freed after the reduce);
+    * stage 0: the engine all-reduces the gradients through flat buffers of at most
+      ``allreduce_bucket_size`` elements (a copy of the gradients, freed after the reduce; with one
+      process too, measured: docs/planning.md);
     * stages 1-2: the gradient reduce bucket (``reduce_bucket_size`` elements, allocated in full
       every step with contiguous_gradients, DeepSpeed's default; the updated weights are
       all-gathered into the existing flat weights, no bucket);
@@ -295,7 +296,7 @@ def comm_buffers(stage: int, params: int, world: int, zero_cfg: dict, touched_on
         return grad_bytes * (min(elements, P) if touched_only else elements)
 
     if stage == 0:  # sized by the gradients it holds
-        return {"allreduce_bucket": grad_bytes * min(get("allreduce_bucket_size"), P) if world > 1 else 0.0}
+        return {"allreduce_bucket": grad_bytes * min(get("allreduce_bucket_size"), P)}
     if stage in (1, 2):
         return {"reduce_bucket": size(get("reduce_bucket_size"))}
     return {"reduce_bucket": size(get("reduce_bucket_size")),
