@@ -50,7 +50,7 @@ class Pool:
 
     def __init__(self, world):
         ctx = mp.get_context("spawn")
-        self.world = world
+        self.world, self.dead = world, False
         self.dir = tempfile.TemporaryDirectory()
         self.tasks = [ctx.Queue() for _ in range(world)]
         self.results = ctx.Queue()
@@ -63,6 +63,8 @@ class Pool:
     def run(self, fn, *args, timeout=60.0, expect_error=False):
         """Per-rank results; a rank that does not answer within ``timeout`` (a hang) fails the test.
         With ``expect_error``: every rank must raise; returns their (type name, message)."""
+        if self.dead:
+            pytest.fail("the process pool was killed after an earlier hang")
         for q in self.tasks:
             q.put((fn, args))
         got = {}
@@ -71,6 +73,7 @@ class Pool:
                 rank, ok, value = self.results.get(timeout=timeout)
                 got[rank] = (ok, value)
         except queue.Empty:
+            self.dead = True
             self.close(kill=True)
             pytest.fail(f"ranks {sorted(set(range(self.world)) - set(got))} did not answer within "
                         f"{timeout} s (a hang)")
@@ -83,6 +86,8 @@ class Pool:
         return [got[r][1] for r in range(self.world)]
 
     def close(self, kill=False):
+        if self.procs is None:
+            return
         for p, q in zip(self.procs, self.tasks):
             if kill:
                 p.kill()
@@ -92,6 +97,7 @@ class Pool:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
+        self.procs = None
         self.dir.cleanup()
 
 
@@ -180,6 +186,9 @@ def case_errors(rank, world, group, which):
         local, params = u[..., :3], tuple(p[:, :3] for p in params)
     elif which == "shape" and rank == 1:
         local = u[:, :, :2]  # 2 gate rows for a 3-gate cell
+    elif which == "halo":  # a kernel-4 conv needs 3 steps of every chunk; the last rank has 2
+        x = torch.zeros(2, 2 if rank == world - 1 else 5, 3)
+        seqpar.halo_exchange(x, 3, group)
     seqpar.seqpar_rnn(cell, local, params, group=group, mode="parallel")
 
 
@@ -416,6 +425,8 @@ def test_newton_failing_in_one_chunk_is_decided_by_every_rank(pool2, fallback):
     ("short", r"chunk lengths \[1, 0\] over 2 ranks; every rank needs at least one step"),
     ("state_size", r"differ in state size N: \[4, 3\]"),
     ("shape", r"rejected their inputs|u has shape"),
+    ("halo", r"chunk lengths \[5, 2\] over 2 ranks; a causal convolution of kernel 4 needs every "
+             r"chunk to have at least 3 steps"),
 ])
 def test_bad_inputs_raise_on_every_rank_before_any_work(pool2, which, match):
     errors = pool2.run(case_errors, which, expect_error=True)
