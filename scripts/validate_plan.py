@@ -151,14 +151,14 @@ def main() -> None:
     quiet_expected_notices()
     if args.from_json:
         stored = json.loads(Path(args.from_json).read_text())
-        measured = {(r["preset"], r["procs"], r["zero_stage"], r["checkpointing"]): r["ranks"]
+        stored_ranks = {(r["preset"], r["procs"], r["zero_stage"], r["checkpointing"]): r["ranks"]
                     for r in stored["rows"]}
         info = stored["machine"]
     rows = []
-    print(f"{'preset':14s} {'procs':>5s} {'ZeRO':>4s} {'ckpt':>5s} {'measured MB':>12s} {'predicted MB':>13s}"
-          f" {'error':>7s} {'init MB':>8s}", flush=True)
+    print(f"{'preset':14s} {'procs':>5s} {'ZeRO':>4s} {'ckpt':>5s} {'measured MiB':>12s} "
+          f"{'predicted MiB':>13s} {'error':>7s} {'init MiB':>8s}", flush=True)
     for preset, nproc, zero, ckpt, overrides, vocab in configurations(args.presets.split(",")):
-        recs = (measured[preset, nproc, zero, ckpt] if args.from_json
+        recs = (stored_ranks[preset, nproc, zero, ckpt] if args.from_json
                 else measure(overrides, vocab, nproc, args.steps))
         measured = max(r["peak_mb"] for r in recs)
         pred = predict(overrides, vocab, nproc)

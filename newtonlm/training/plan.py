@@ -41,7 +41,7 @@ GIB = 2**30
 # wrote this). cpu: the resident-memory increase of a CPU training process that is not a tensor of
 # the model (allocator pools, gloo buffers, DeepSpeed's bookkeeping), measured by
 # scripts/validate_plan.py (docs/planning.md).
-OVERHEAD_GB = {"cuda": 1.0, "cpu": 0.15}
+OVERHEAD_GB = {"cuda": 1.0, "cpu": 0.04}
 PLANNER_KEYS = {"world": int, "gpu_memory_gb": float, "gpu": str, "mfu": float, "gpus_per_node": int,
                 "vocab": int, "overhead_gb": float, "headroom": float, "device": str}
 DEFAULTS = {"world": 1, "gpu_memory_gb": 80.0, "gpu": "H100 SXM", "mfu": 0.4, "gpus_per_node": 8,
@@ -197,19 +197,22 @@ def memory(s: Setup, micro_batch: int, seq_len: int, checkpointing: bool) -> dic
     stepped = s.params / W if s.zero_stage > 0 else s.params
     largest_tensor = stepped if s.zero_stage > 0 else s.largest_layer
     scratch = 0.0 if s.offload else (2 * pm.F32 * largest_tensor if cpu else pm.F32 * stepped)
+    # ZeRO 3's step flattens the gradient partitions into a fp32 copy for the optimizer (stage3.py
+    # _prepare_fp32_grad_for_sub_group); with one process it was not seen (measured on CPU)
+    grad_copy = pm.F32 * s.params / W if (s.zero_stage == 3 and W > 1 and not s.offload) else 0.0
     persistent_grads = s.zero_stage >= 2 or s.grad_accum > 1
     static = st.params + st.optimizer + st.gathered + live_buffers
     moments = {"backward start": static + act.start + (st.grads if persistent_grads else 0.0),
                "backward end": static + act.last_block + st.grads,
                "gradient all-reduce": static + st.grads + step_buffers,
-               "optimizer step": static + st.grads + scratch}
+               "optimizer step": static + st.grads + grad_copy + scratch}
     peak_at = max(moments, key=moments.get)
     overhead = (keys["overhead_gb"] if keys["overhead_gb"] is not None
                 else OVERHEAD_GB["cpu" if cpu else "cuda"]) * GIB
     return {"params": st.params, "grads": st.grads, "optimizer": st.optimizer,
             "gathered_layer": st.gathered, "activations": act.saved + act.head,
             "logits": act.logits, "last_block": act.last_block, "comm_buffers": sum(buffers.values()),
-            "step_scratch": scratch, "overhead": overhead, "peak": moments[peak_at] + overhead,
+            "step_scratch": scratch + grad_copy, "overhead": overhead, "peak": moments[peak_at] + overhead,
             "peak_at": peak_at, "moments": moments, "host_per_node": st.host_per_node, "buffers": buffers,
             "bf16_weight_copies": act.weight_copies}
 
