@@ -94,8 +94,9 @@ def gather_sequence(x: torch.Tensor, group=None, dim: int = 1) -> torch.Tensor:
     group = _group_of(group)
     K = dist.get_world_size(group)
     x = x.detach().contiguous()
-    lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(K)]
-    dist.all_gather(lengths, torch.tensor([x.shape[dim]], dtype=torch.int64), group=group)
+    lengths = [torch.zeros(1, dtype=torch.int64, device=x.device) for _ in range(K)]
+    dist.all_gather(lengths, torch.tensor([x.shape[dim]], dtype=torch.int64, device=x.device),
+                    group=group)
     lengths = [int(n) for n in lengths]
     longest = max(lengths)
     pad = list(x.shape)
@@ -195,10 +196,11 @@ class _Ring:
         self._count(kind, (self.size - 1) * _nbytes(t))
         return parts
 
-    def check(self, meta: list[int], error: str | None, what: str) -> list[list[int]]:
+    def check(self, meta: list[int], error: str | None, what: str, device) -> list[list[int]]:
         """Start-up check of a call: gather every rank's ``meta`` and whether its local checks
-        failed, so that a bad input raises on every rank (no rank left waiting in a collective)."""
-        t = torch.tensor([int(error is not None), *meta], dtype=torch.int64)
+        failed, so that a bad input raises on every rank (no rank left waiting in a collective).
+        ``device``: where the group's tensors live (NCCL needs CUDA tensors)."""
+        t = torch.tensor([int(error is not None), *meta], dtype=torch.int64, device=device)
         parts = self.all_gather(t, "check")
         rows = [p.tolist() for p in parts]
         failed = [k for k, row in enumerate(rows) if row[0]]
@@ -445,7 +447,8 @@ def seqpar_rnn(cell: Cell, u: torch.Tensor, params: tuple = (), h0: torch.Tensor
         h0 = None  # the state before the sequence belongs to rank 0
     dtype_code = _DTYPES.index(u.dtype) if error is None and u.dtype in _DTYPES else -1
     meta = [-1] * 4 if error is not None else [u.shape[0], u.shape[1], u.shape[3], dtype_code]
-    rows = ring.check(meta, error, "seqpar_rnn")
+    device = u.device if isinstance(u, torch.Tensor) else torch.device("cpu")
+    rows = ring.check(meta, error, "seqpar_rnn", device)
     lengths = [row[1] for row in rows]
     if any(n < 1 for n in lengths):
         raise ValueError(f"seqpar_rnn: chunk lengths {lengths} over {ring.size} ranks; every rank "
@@ -484,7 +487,8 @@ def halo_exchange(x: torch.Tensor, width: int, group=None, comm: CommStats | Non
     elif not isinstance(x, torch.Tensor) or x.dim() != 3:
         error = f"x has shape {tuple(getattr(x, 'shape', ()))}; expected [B, L, C]"
     meta = [-1, -1] if error else [x.shape[1], x.shape[2]]
-    rows = ring.check(meta, error, "halo_exchange")
+    device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+    rows = ring.check(meta, error, "halo_exchange", device)
     lengths = [row[0] for row in rows]
     if width == 0:
         return x[:, :0]
