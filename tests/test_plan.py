@@ -189,6 +189,19 @@ def test_step_cost(demo_setup):
     assert c["step_time_s"] == pytest.approx(c["step_flops"] * 4 / 3 / (0.4 * 67e12))
 
 
+def test_global_batch_is_split_as_the_trainer_does():
+    """train.global_batch_size: per rank 96 / 8 = 12 sequences, in micro-batches of the largest
+    divisor of 12 up to train.micro_batch_size (8): 6, twice (newtonlm.training.config.batch_plan)."""
+    s, _ = plan.setup_from_args(["model=paragru_demo", "train.global_batch_size=96", "world=8"])
+    assert (s.micro_batch_size, s.grad_accum) == (6, 2)
+    assert plan.step_cost(s, False)["tokens_per_step"] == 96 * s.seq_len
+    m = plan.memory(s, s.micro_batch_size, s.seq_len, False)
+    assert m["peak_at"] == "backward start"  # gradients persist over the 2 micro-steps: counted there
+    assert m["moments"]["backward start"] == pytest.approx(
+        m["params"] + m["optimizer"] + m["grads"] + m["comm_buffers"] - m["buffers"]["allreduce_bucket"]
+        + m["activations"] + m["logits"])
+
+
 def test_json_output(capsys):
     plan.main(["model=llama_demo", "train=cluster", "world=2", "gpu_memory_gb=24", "mfu=0.5", "--json"])
     out = json.loads(capsys.readouterr().out)

@@ -32,7 +32,7 @@ import sys
 
 from ..data.errors import DataError
 from . import plan_memory as pm
-from .config import compose_train_config, load_settings, validate
+from .config import batch_plan, compose_train_config, load_settings, validate
 from .errors import UserError
 
 GIB = 2**30
@@ -151,14 +151,11 @@ def setup_from_args(argv: list[str]) -> tuple[Setup, bool]:
         mcfg = model_config(preset, vocab)
     except ValueError as exc:
         raise UserError(f"model ({preset.get('arch')}): {exc}") from exc
-    grad_accum = train.grad_accum
-    gbs = getattr(train, "global_batch_size", 0) or 0  # when the trainer has the setting
-    if gbs:
-        per_step = train.micro_batch_size * keys["world"]
-        if gbs % per_step:
-            raise UserError(f"train.global_batch_size={gbs} is not a multiple of micro_batch_size x "
-                            f"world = {per_step}")
-        grad_accum = gbs // per_step
+    # the trainer's split of the global batch (train.global_batch_size, or micro-batch x accumulation
+    # x world) into micro-batches per rank
+    batch = batch_plan(train, keys["world"])
+    train = dataclasses.replace(train, micro_batch_size=batch.micro_batch, grad_accum=batch.grad_accum)
+    grad_accum = batch.grad_accum
     ds = deepspeed_config(train, keys["world"])
     threshold = ds["zero_optimization"].get("stage3_param_persistence_threshold",
                                             pm.DS_DEFAULTS["stage3_param_persistence_threshold"])
