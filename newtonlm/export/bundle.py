@@ -29,7 +29,7 @@ from . import bundle_loader
 
 # newtonlm/kernels files that go into the bundle (bench.py and modules no listed module imports stay out)
 KERNEL_FILES = ("__init__.py", "cells.py", "checks.py", "cpu_ext.py", "function.py", "modules.py",
-                "newton.py", "reference.py", "scan.py", "triton_fused.py", "triton_scan.py",
+                "newton.py", "reference.py", "scan.py", "seqpar.py", "triton_fused.py", "triton_scan.py",
                 "csrc/cpu_kernels.c")
 # newtonlm/models files that save_pretrained copies for the ParaRNN models' auto_map
 MODEL_FILES = ("configuration_pararnn.py", "modeling_pararnn.py")
