@@ -28,6 +28,7 @@ from test_training_reliability import tree_hash
 from newtonlm.training.checkpoint import CheckpointError, Checkpoints
 from newtonlm.training.config import BatchPlan, TrainConfig, WandbConfig, batch_plan, validate
 from newtonlm.training.errors import UserError
+from newtonlm.training.loop import claim_run_dir
 from newtonlm.training.resume import (
     ResumeRefused,
     check_resume_config,
@@ -126,6 +127,21 @@ def write_run(tmp_path: Path, checkpoints: dict) -> Checkpoints:
     for step, f in checkpoints.items():
         ckpts.save(FakeEngine(payload=10), step, {"step": step, **f})
     return ckpts
+
+
+def test_the_claim_refuses_an_offloaded_optimizer_on_another_world_size_and_changes_nothing(tmp_path):
+    """What ``setup`` runs before anything is written (the lock and the resume plan) on a run
+    directory whose checkpoint was written by 2 ranks with the optimizer offloaded."""
+    ckpts = write_run(tmp_path, {2: facts(2, global_batch_size=4, offload_optimizer=True)})
+    before = tree_hash(tmp_path)
+    with pytest.raises(ResumeRefused, match=r"cannot be resumed on another number of ranks: .*offloaded to "
+                                            rf"CPU.*; nothing in {tmp_path} was changed"):
+        claim_run_dir(tmp_path, ckpts, TrainConfig(), facts(1, global_batch_size=4, offload_optimizer=True))
+    assert tree_hash(tmp_path) == before
+    lock, plan = claim_run_dir(tmp_path, ckpts, TrainConfig(), facts(2, global_batch_size=4,
+                                                                       offload_optimizer=True))
+    lock.release()
+    assert plan.tag == "step_00000002"
 
 
 def test_the_recorded_global_batch_comes_from_the_checkpoint_resumed(tmp_path):

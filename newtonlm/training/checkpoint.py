@@ -546,3 +546,43 @@ class Checkpoints:
             if tag in keep or (not complete and step >= newest):
                 continue
             shutil.rmtree(self.root / tag, ignore_errors=True)
+
+
+STATE_DUMP_ENV = "NEWTONLM_STATE_DUMP"
+
+
+def dump_state(engine, step: int, when: str) -> None:
+    """Test hook: with ``NEWTONLM_STATE_DUMP=<folder>`` set, rank 0 writes
+    ``<folder>/<when>_<step>.pt``: every parameter's fp32 value and Adam moments (``exp_avg``,
+    ``exp_avg_sq``), gathered whole from any ZeRO partitioning, by name; the elastic-resume tests
+    compare the state a run saved with the state another world size resumed. A collective."""
+    folder = os.environ.get(STATE_DUMP_ENV)
+    if not folder:
+        return
+    import torch
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    zero = engine.zero_optimization_stage() > 0
+    zero_opt = engine.optimizer
+    if hasattr(zero_opt, "_lazy_init_hp_params_optimizer_state"):
+        # ZeRO 1-2 link each parameter to its optimizer-state fragment after the first step of the
+        # first parameter group, before the others have state: link again, now that all have it
+        zero_opt._hp_optimizer_states_linked = False
+        zero_opt._lazy_init_hp_params_optimizer_state()
+    out = {}
+    for name, p in engine.module.named_parameters():
+        if zero:
+            value = [safe_get_full_fp32_param(p)] + [safe_get_full_optimizer_state(p, k)
+                                                     for k in ("exp_avg", "exp_avg_sq")]
+        else:
+            moments = engine.optimizer.state.get(p, {})
+            value = [p.detach()] + [moments.get(k) for k in ("exp_avg", "exp_avg_sq")]
+        out[name] = [None if v is None else v.detach().float().cpu().clone() for v in value]
+    # the inner optimizer's hyperparameters per group and its step counts (Adam's bias correction)
+    base = _base_optimizer(engine)
+    steps = sorted({float(st["step"]) for st in base.state.values() if "step" in st})
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
+    gathered = all_gather_object({"steps": steps, "groups": groups})
+    if rank_and_world()[0] == 0:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        torch.save({"params": out, "optimizer": gathered}, Path(folder) / f"{when}_{step}.pt")

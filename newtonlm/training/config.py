@@ -49,7 +49,9 @@ class TrainConfig:
     size by :func:`batch_plan` (``micro_batch_size`` is then the upper bound per rank). With
     ``global_batch_size`` 0 (the default) the global batch is ``micro_batch_size * grad_accum *
     world size`` of the run's first start, recorded in its checkpoints and kept on every resume
-    (on another world size too). The loss of a step is the mean over all its target tokens.
+    (on another world size too). There is no token-denominated setting: a run's ``seq_len`` is
+    fixed, so tokens per step = global_batch_size * seq_len. The loss of a step is the mean over
+    all its target tokens.
     Optimizer: AdamW (``lr``, ``betas``, ``eps``, ``weight_decay``; no decay on norms, biases and
     embeddings), ``grad_clip`` (0 disables). Schedule: linear warmup for ``warmup_steps`` (or
     ``warmup_frac`` of the run when warmup_steps < 0), then ``cosine`` to ``min_lr_ratio * lr``,

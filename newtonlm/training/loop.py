@@ -41,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..data import build_dataloaders, get_or_train_tokenizer, load_data_config, vocab_size_for_model
 from ..models import build_model, count_parameters, flops_per_token, newton_stats
 from . import faults
-from .checkpoint import CheckpointError, Checkpoints
+from .checkpoint import CheckpointError, Checkpoints, dump_state
 from .config import BatchPlan, TrainConfig, WandbConfig, batch_plan, load_settings
 from .config import validate as validate_settings
 from .distributed import (
@@ -273,46 +273,7 @@ def save_checkpoint(job: Job, counters: Counters) -> None:
     client = {**asdict(counters), **job.facts, "data": all_gather_object(job.train_loader.state_dict()),
               "rng": all_gather_object(rng_state())}
     job.ckpts.save(job.engine, counters.step, client)
-    dump_state(job, counters.step, "saved")
-
-
-STATE_DUMP_ENV = "NEWTONLM_STATE_DUMP"
-
-
-def dump_state(job: Job, step: int, when: str) -> None:
-    """Test hook: with ``NEWTONLM_STATE_DUMP=<folder>`` set, rank 0 writes
-    ``<folder>/<when>_<step>.pt``: every parameter's fp32 value and Adam moments (``exp_avg``,
-    ``exp_avg_sq``), gathered whole from any ZeRO partitioning, by name; the elastic-resume tests
-    compare the state a run saved with the state another world size resumed. A collective."""
-    folder = os.environ.get(STATE_DUMP_ENV)
-    if not folder:
-        return
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-    zero = job.engine.zero_optimization_stage() > 0
-    zero_opt = job.engine.optimizer
-    if hasattr(zero_opt, "_lazy_init_hp_params_optimizer_state"):
-        # ZeRO 1-2 link each parameter to its optimizer-state fragment after the first step of the
-        # first parameter group, before the others have state: link again, now that all have it
-        zero_opt._hp_optimizer_states_linked = False
-        zero_opt._lazy_init_hp_params_optimizer_state()
-    out = {}
-    for name, p in job.engine.module.named_parameters():
-        if zero:
-            value = [safe_get_full_fp32_param(p)] + [safe_get_full_optimizer_state(p, k)
-                                                     for k in ("exp_avg", "exp_avg_sq")]
-        else:
-            moments = job.optimizer.state.get(p, {})
-            value = [p.detach()] + [moments.get(k) for k in ("exp_avg", "exp_avg_sq")]
-        out[name] = [None if v is None else v.detach().float().cpu().clone() for v in value]
-    # the inner optimizer's hyperparameters per group and its step counts (Adam's bias correction)
-    base = getattr(job.optimizer, "optimizer", job.optimizer)
-    steps = sorted({float(st["step"]) for st in base.state.values() if "step" in st})
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
-    gathered = all_gather_object({"steps": steps, "groups": groups})
-    if job.dist.is_main:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        torch.save({"params": out, "optimizer": gathered}, Path(folder) / f"{when}_{step}.pt")
+    dump_state(job.engine, counters.step, "saved")  # test hook (NEWTONLM_STATE_DUMP); nothing when unset
 
 
 # ---- set-up --------------------------------------------------------------------------------------
@@ -552,7 +513,7 @@ def _train(job: Job, counters: Counters, plan: ResumePlan, note: str | None = No
         if note:
             print(f"newtonlm: {note}", file=sys.stderr, flush=True)
     if plan.tag is not None:
-        dump_state(job, counters.step, "resumed")  # test hook (NEWTONLM_STATE_DUMP); nothing when unset
+        dump_state(job.engine, counters.step, "resumed")
 
     status, exit_code = "finished", 0
     batches = iter(job.train_loader)
