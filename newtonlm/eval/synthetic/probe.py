@@ -13,6 +13,7 @@ seeds that solve the longest length) and ``seq_acc_vs_length.png`` into ``out_di
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 import time
@@ -236,7 +237,8 @@ def plot(rows: list[dict], max_train_len: int, path: Path) -> None:
 @hydra.main(config_path=str(CONFIG_DIR / "eval"), config_name="state_tracking", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     cfg = OmegaConf.to_object(cfg)
-    command = shlex.join(["python", "-m", "newtonlm.eval.synthetic.probe", *sys.argv[1:]])
+    env = ["NEWTONLM_NO_CEXT=1"] if os.environ.get("NEWTONLM_NO_CEXT") == "1" else []  # the cell kernels used
+    command = shlex.join([*env, "python", "-m", "newtonlm.eval.synthetic.probe", *sys.argv[1:]])
     t0 = time.perf_counter()
     out = Path(cfg.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
