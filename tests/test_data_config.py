@@ -64,7 +64,7 @@ def test_bad_values_name_the_field(change, message):
 
 
 def test_factory_on_the_bundled_corpus():
-    cfg = compose_data_config(["data.num_workers=0", "data.val_batches=3"])
+    cfg = compose_data_config(["data.num_workers=0", "data.val_sequences=12"])
     tok = tiny_tokenizer()  # any tokenizer works; the real run trains one on the corpus
     train, val = build_dataloaders(cfg, tok, seq_len=32, micro_batch_size=4, rank=0, world_size=1, seed=0)
     batch = next(iter(train))

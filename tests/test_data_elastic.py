@@ -45,7 +45,7 @@ def shard_mixture(tmp_path_factory):
     sources = {"a": SourceConfig(kind="files", paths=[str(root / "a")], weight=3.0),
                "b": SourceConfig(kind="files", paths=[str(root / "b")], weight=1.0)}
     cfg = DataConfig(sources=sources, val_fraction=0.0, shuffle=True, format="shards",
-                     shards_dir=str(root / "shards"), val_batches=0)
+                     shards_dir=str(root / "shards"), val_sequences=0)
     prepare_shards(cfg, tiny_tokenizer())
     seqs = {}
     for name in sources:
@@ -237,7 +237,7 @@ def stream_corpus(tmp_path):
     docs += word_corpus(tmp_path / "b", 1500, 2, 8)
     sources = {"a": SourceConfig(kind="files", paths=[str(tmp_path / "a")], weight=2.0),
                "b": SourceConfig(kind="files", paths=[str(tmp_path / "b")], weight=1.0)}
-    cfg = DataConfig(sources=sources, val_fraction=0.0, shuffle=True, shuffle_buffer=5, val_batches=0,
+    cfg = DataConfig(sources=sources, val_fraction=0.0, shuffle=True, shuffle_buffer=5, val_sequences=0,
                      tokenize_batch_docs=3)
     return cfg, docs
 

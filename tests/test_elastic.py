@@ -196,7 +196,7 @@ def test_rank_seeds_are_reproducible_distinct_and_seed_every_stream():
 
 TINY = ["model.hidden_size=32", "model.num_hidden_layers=2", "model.intermediate_size=64",
         "model.num_heads=2", "train.seq_len=32", "train.eval_every=0", "train.log_every=1",
-        "train.sample_tokens=0", "train.progress=false", "data.val_batches=2", "data.num_workers=1",
+        "train.sample_tokens=0", "train.progress=false", "data.val_sequences=4", "data.num_workers=1",
         "data.tokenizer.vocab_size=512", "wandb=disabled", "data.format=shards",
         "train.max_steps=4", "train.save_every=2"]
 # Continued losses vs the uninterrupted run: fp32 sums in another order (micro-steps on one rank

@@ -164,7 +164,7 @@ def test_command_on_a_training_run(tmp_path, capsys):
     overrides = ["model=paragru_demo", "model.hidden_size=32", "model.num_hidden_layers=1",
                  "model.intermediate_size=64", "model.num_heads=2", "train.seq_len=16",
                  "train.micro_batch_size=2", "train.max_steps=1", "train.sample_tokens=0",
-                 "train.progress=false", "data.val_batches=1", "data.num_workers=0",
+                 "train.progress=false", "data.val_sequences=2", "data.num_workers=0",
                  "data.tokenizer.vocab_size=300", f"data.tokenizer.cache_dir={tmp_path / 'tok'}",
                  "wandb=disabled", f"hydra.run.dir={run}"]
     run_trainer(overrides, timeout=300)

@@ -31,7 +31,7 @@ from newtonlm.export import bundle, bundle_loader, source
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ["model.hidden_size=32", "model.num_hidden_layers=2", "train.max_steps=2", "train.seq_len=32",
-          "train.micro_batch_size=2", "train.sample_tokens=0", "train.progress=false", "data.val_batches=1",
+          "train.micro_batch_size=2", "train.sample_tokens=0", "train.progress=false", "data.val_sequences=2",
           "data.num_workers=1", "data.tokenizer.vocab_size=512", "wandb=disabled"]
 RUNS = {  # arch: (overrides, processes)
     "paragru": (["model=paragru_demo", "model.intermediate_size=64", "model.num_heads=2",

@@ -10,7 +10,7 @@ from helpers import REPO, run_trainer, start_process, wait_process
 
 TINY = ["model.hidden_size=32", "model.num_hidden_layers=2", "model.intermediate_size=64",
         "model.num_heads=2", "train.seq_len=32", "train.micro_batch_size=2", "train.eval_every=3",
-        "train.log_every=1", "train.sample_tokens=0", "train.progress=false", "data.val_batches=2",
+        "train.log_every=1", "train.sample_tokens=0", "train.progress=false", "data.val_sequences=4",
         "data.num_workers=1", "data.tokenizer.vocab_size=512", "wandb=disabled"]
 
 

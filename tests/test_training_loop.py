@@ -94,7 +94,8 @@ def test_checkpoint_index_reads_folders_and_markers(tmp_path):
 
 def _resolved():
     return {"model": {"arch": "paragru", "hidden_size": 32, "cell_mode": "auto", "newton_max_iters": 3},
-            "data": {"sources": {"s": {"kind": "files", "paths": ["a.txt"], "weight": 1.0}}, "val_batches": 2,
+            "data": {"sources": {"s": {"kind": "files", "paths": ["a.txt"], "weight": 1.0}},
+                     "val_sequences": 4,
                      "num_workers": 1, "shuffle": True, "tokenizer": {"vocab_size": 512, "cache_dir": "c"}},
             "train": {"seq_len": 32, "micro_batch_size": 2, "grad_accum": 1, "seed": 1, "lr": 1e-3,
                       "max_steps": 10, "zero_stage": 0, "betas": [0.9, 0.95]},
@@ -115,7 +116,7 @@ def test_settings_that_may_change_on_resume():
     cfg["train"].update(lr=3e-3, max_steps=20)  # longer, another learning rate: the schedule follows
     cfg["wandb"]["mode"] = "offline"
     cfg["model"].update(cell_mode="fused", newton_max_iters=5)  # how the recurrence is solved
-    cfg["data"].update(val_batches=4, num_workers=2)  # workers: re-mapped by the loader
+    cfg["data"].update(val_sequences=8, num_workers=2)  # workers: re-mapped by the loader
     cfg["data"]["sources"]["s"]["paths"] = ["/moved/a.txt"]  # the files: compared by the signature
     cfg["data"]["tokenizer"].update(cache_dir="elsewhere", vocab_size=500)  # the tokenizer: by fingerprint
     cfg["train"]["new_setting_of_a_later_version"] = 1  # absent from the checkpoint: not compared

@@ -55,7 +55,7 @@ def tokenizers():
 
 def config(**train):
     return {"model": {"arch": "paragru", "hidden_size": 32, "num_hidden_layers": 2, "cell_mode": "auto"},
-            "data": {"sources": {"s": {"kind": "shakespeare", "weight": 1.0}}, "val_batches": 2,
+            "data": {"sources": {"s": {"kind": "shakespeare", "weight": 1.0}}, "val_sequences": 4,
                      "tokenizer": {"vocab_size": 400}},
             "train": {"seed": 1, "seq_len": 32, "micro_batch_size": 2, "grad_accum": 1, "lr": 1e-3,
                       "max_steps": 4, **train},

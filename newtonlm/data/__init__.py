@@ -17,7 +17,7 @@ The trainer's API::
     train_loader.load_state_dict(checkpoint["data"][rank])  # same layout: next batch == the uninterrupted one
     note = train_loader.load_states(checkpoint["data"])     # another number of ranks / workers / micro-batch:
                                                             # None or a line saying what was re-mapped
-    for batch in val_loader: ...                         # the same cfg.val_batches batches every time
+    for batch in val_loader: ...                         # this rank's share of cfg.val_sequences, fixed
 
 ``build_loader(cfg, tokenizer, seq_len, batch_size, split=..., num_epochs=...)`` builds one loader
 (e.g. ``split="all", num_epochs=1`` for one pass over a held-out corpus).
@@ -42,7 +42,7 @@ from .errors import DataError
 
 _LAZY = {
     "build_dataloaders": "factory", "build_loader": "factory",
-    "FixedBatches": "loader", "ResumableLoader": "loader",
+    "FixedBatches": "loader", "ResumableLoader": "loader", "ValidationSet": "loader",
     "prepare_shards": "prepare",
     "get_or_train_tokenizer": "tokenizer", "load_tokenizer": "tokenizer",
     "train_bpe_tokenizer": "tokenizer", "vocab_size_for_model": "tokenizer",

@@ -74,7 +74,9 @@ class DataConfig:
     ``sources``: name -> SourceConfig (the name labels errors and the shard folder).
     ``val_fraction``: share of each source's documents held out for validation, chosen by a hash of
     the document's identity (file key and index), independent of the seed; 0 disables validation.
-    ``val_batches``: micro-batches per rank in one validation pass (the same batches every time).
+    ``val_sequences``: sequences in one validation pass, in total over the ranks: the first ones of
+    the validation split, the same set every time and on any number of ranks (each rank scores its
+    share in micro-batches).
     ``shuffle``: shuffle the training stream (file order per epoch and a buffer of
     ``shuffle_buffer`` sequences for streaming; a global permutation per epoch for shards).
     ``num_workers``: DataLoader worker processes per rank for training (0: in the main process).
@@ -85,7 +87,7 @@ class DataConfig:
 
     sources: dict[str, SourceConfig] = field(default_factory=dict)
     val_fraction: float = 0.02
-    val_batches: int = 16
+    val_sequences: int = 128
     shuffle: bool = True
     shuffle_buffer: int = 256
     num_workers: int = 1
@@ -125,7 +127,7 @@ def validate_data_config(cfg: DataConfig) -> DataConfig:
             raise DataError(f"{where}.txt_max_doc_bytes={src.txt_max_doc_bytes}; expected >= 1")
     if not 0 <= cfg.val_fraction < 1:
         raise DataError(f"data.val_fraction={cfg.val_fraction}; expected 0 <= val_fraction < 1")
-    for key in ("val_batches", "shuffle_buffer", "num_workers"):
+    for key in ("val_sequences", "shuffle_buffer", "num_workers"):
         if getattr(cfg, key) < 0:
             raise DataError(f"data.{key}={getattr(cfg, key)}; expected >= 0")
     if cfg.tokenize_batch_docs < 1:

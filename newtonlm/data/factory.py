@@ -9,7 +9,7 @@ from typing import Any
 
 from .config import DataConfig, load_data_config
 from .errors import DataError
-from .loader import FixedBatches, ResumableLoader
+from .loader import ResumableLoader, ValidationSet
 from .pipeline import PipelineSpec
 from .shards import ShardSet
 from .sources import SPLITS, DocumentSource
@@ -78,21 +78,24 @@ def build_loader(cfg: DataConfig | Any, tokenizer, seq_len: int, batch_size: int
 
 def build_dataloaders(cfg: DataConfig | Any, tokenizer, seq_len: int, micro_batch_size: int, rank: int = 0,
                       world_size: int = 1, seed: int = 0,
-                      model_vocab_size: int | None = None) -> tuple[ResumableLoader, FixedBatches | None]:
+                      model_vocab_size: int | None = None) -> tuple[ResumableLoader, ValidationSet | None]:
     """(train_loader, val_loader) for this rank.
 
     train_loader: endless, shuffled per ``cfg`` and ``seed``, resumable (``state_dict`` /
-    ``load_state_dict``); val_loader: the same ``cfg.val_batches`` batches on every iteration
-    (unshuffled, independent of ``seed``, no workers), or None when ``val_fraction`` or
-    ``val_batches`` is 0. Batches: ``{"input_ids": LongTensor [B, T], "targets": LongTensor [B, T]}``
-    with B = micro_batch_size, T = seq_len; targets are the next tokens (already shifted, see
-    ``ResumableLoader``).
+    ``load_state_dict``); val_loader: this rank's share of the run's validation set, the first
+    ``cfg.val_sequences`` sequences of the validation split (unshuffled, independent of ``seed``
+    and of the number of ranks: see ``ValidationSet``), the same batches on every iteration, or
+    None when ``val_fraction`` or ``val_sequences`` is 0. Batches: ``{"input_ids": LongTensor [B, T],
+    "targets": LongTensor [B, T]}`` with B = micro_batch_size, T = seq_len; targets are the next
+    tokens (already shifted, see ``ResumableLoader``).
     """
     cfg = load_data_config(cfg)
     common = dict(rank=rank, world_size=world_size, model_vocab_size=model_vocab_size)
     train = build_loader(cfg, tokenizer, seq_len, micro_batch_size, split="train", seed=seed, **common)
-    if cfg.val_fraction == 0 or cfg.val_batches == 0:
+    if cfg.val_fraction == 0 or cfg.val_sequences == 0:
         return train, None
-    val = build_loader(cfg, tokenizer, seq_len, micro_batch_size, split="val", seed=0, num_workers=0,
-                       shuffle=False, **common)
-    return train, FixedBatches(val, cfg.val_batches)
+    # one stream (rank 0 of 1) on every rank: the set does not depend on the world size
+    val = build_loader(cfg, tokenizer, seq_len, min(micro_batch_size, cfg.val_sequences), split="val",
+                       seed=0, num_workers=0, shuffle=False, model_vocab_size=model_vocab_size)
+    return train, ValidationSet(val, cfg.val_sequences, rank=rank, world_size=world_size,
+                                batch_size=micro_batch_size)

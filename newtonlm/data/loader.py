@@ -310,3 +310,59 @@ class FixedBatches:
         if self._batches is None:
             self._batches = list(islice(iter(self.loader), self.num_batches))
         return iter(self._batches)
+
+
+IGNORE_INDEX = -100  # a target that is not scored (cross_entropy's default ignore_index)
+
+
+class ValidationSet:
+    """The validation set of a run: the first ``num_sequences`` sequences of ``loader``'s stream
+    (build it with ``rank=0, world_size=1``: one stream, unshuffled), the same on any number of
+    ranks. Rank ``rank`` of ``world_size`` scores the sequences ``rank, rank + world_size, ...`` in
+    batches of ``min(batch_size, the largest share)``; every rank yields the same number of batches
+    of the same shape (a collective forward, e.g. ZeRO-3's, needs every rank), rows past a rank's share
+    repeating a sequence with every target ``IGNORE_INDEX`` (scored by nobody). So the summed loss
+    and target count over the ranks are those of the whole set, whatever the world size.
+    The sequences are read on the first iteration and kept in memory."""
+
+    def __init__(self, loader: ResumableLoader, num_sequences: int, *, rank: int = 0, world_size: int = 1,
+                 batch_size: int = 1):
+        if num_sequences < 1 or batch_size < 1:
+            raise DataError(f"num_sequences={num_sequences}, batch_size={batch_size}; expected >= 1")
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank={rank} with world_size={world_size}; expected 0 <= rank < world_size")
+        self.loader = loader
+        self.num_sequences = num_sequences
+        self.rank = rank
+        self.world_size = world_size
+        share = -(-num_sequences // world_size)  # the largest share of a rank
+        self.batch_size = min(batch_size, share)
+        self._num_batches = -(-share // self.batch_size)
+        self._batches: list[dict] | None = None
+
+    def __len__(self) -> int:
+        return self._num_batches
+
+    def _build(self) -> list[dict]:
+        rows_in, rows_out, have = [], [], 0
+        for batch in self.loader:  # the loader's own batch size does not matter: rows are regrouped
+            rows_in.append(batch["input_ids"])
+            rows_out.append(batch["targets"])
+            have += len(batch["input_ids"])
+            if have >= self.num_sequences:
+                break
+        every = torch.cat(rows_in)[:self.num_sequences]
+        inputs = every[self.rank::self.world_size]
+        targets = torch.cat(rows_out)[:self.num_sequences][self.rank::self.world_size]
+        pad = self._num_batches * self.batch_size - len(inputs)
+        if pad:
+            inputs = torch.cat([inputs, every[:1].expand(pad, -1)])
+            ignored = torch.full((pad, targets.shape[1]), IGNORE_INDEX, dtype=targets.dtype)
+            targets = torch.cat([targets, ignored])
+        return [{"input_ids": i.contiguous(), "targets": t.contiguous()}
+                for i, t in zip(inputs.split(self.batch_size), targets.split(self.batch_size))]
+
+    def __iter__(self) -> Iterator[dict]:
+        if self._batches is None:
+            self._batches = self._build()
+        return iter(self._batches)

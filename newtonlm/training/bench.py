@@ -40,7 +40,7 @@ def _overrides(arch: str, steps: int, seq_len: int, mbs: int) -> list[str]:
 def _trainer(arch: str, nproc: int, steps: int, seq_len: int, mbs: int, tok_cache: str,
              run_dir: Path) -> dict:
     overrides = [*_overrides(arch, steps, seq_len, mbs), "train.eval_every=0", f"train.save_every={steps}",
-                 "train.sample_tokens=0", "train.progress=false", "data.val_batches=1",
+                 "train.sample_tokens=0", "train.progress=false", f"data.val_sequences={mbs}",
                  f"data.tokenizer.cache_dir={tok_cache}", "wandb=disabled", f"hydra.run.dir={run_dir}"]
     if nproc == 1:
         cmd = [sys.executable, "-m", "newtonlm.training.train", *overrides]

@@ -6,6 +6,17 @@ The decisions are pure functions of a run directory's checkpoints and settings
 (:func:`resume_plan`, :func:`resume_differences`, :func:`check_resume_config`; unit-tested);
 :func:`plan_resume` applies them to the checkpoint folder on rank 0 and shares the plan with every
 rank, before anything is written into the run directory or the model is built (``loop.py``).
+
+Elastic resume: a run may continue on another number of ranks. What stays is the global batch
+(sequences per optimizer step, :func:`global_batch_of`; ``train.global_batch_size`` or the run's
+first micro-batch x accumulation x world size), so the schedule, the token budget and
+``metrics.jsonl`` are the same whatever the world size; the micro-batch and accumulation are
+derived again (``config.batch_plan``). RNG streams: a rank resumed on the world size that saved
+gets its own saved states back (exact); after a change of world size there is no saved stream for
+a rank, so every rank's torch, Python and NumPy generators are seeded with :func:`rank_seed` of
+(``train.seed``, step, rank). The models have no dropout by default and the shard loader's order is
+global (not drawn from these generators), so the change of streams changes nothing a run computes
+unless a model enables dropout.
 """
 
 from __future__ import annotations
@@ -60,7 +71,7 @@ RESUME_MAY_CHANGE = (
     # validation size, tokenizer batching, the loader's workers (ResumableLoader.load_states re-maps
     # them); where the files are (the data-loader signature compares the files, the tokenizer's
     # fingerprint the tokenizer itself)
-    "data.val_batches", "data.tokenize_batch_docs", "data.num_workers", "data.shards_dir",
+    "data.val_sequences", "data.tokenize_batch_docs", "data.num_workers", "data.shards_dir",
     "data.sources.*.paths", "data.tokenizer.*",
 )
 # compared by resume_differences itself (checkpoints before it was recorded imply it)
