@@ -68,6 +68,11 @@ class TrainConfig:
     checkpoint of the last good state. ``dist_timeout_s``: collectives fail after this long, so a
     dead rank does not hang the others. ``deepspeed_shm_comm``: DeepSpeed's shared-memory CPU
     all-reduce (compiled on first use; off by default: gloo is used).
+    Sequence parallelism: ``sequence_parallel`` K > 1 arranges the world W as W / K data-parallel
+    groups of K consecutive ranks; the K ranks of a group read the same sequences and each trains
+    on its chunk of the time axis (docs/sequence_parallel.md). The batch settings count
+    data-parallel groups, not ranks. K is a layout: checkpoints are the same and a run resumes
+    with another K. ParaGRU/ParaLSTM and Llama only; with ``compile`` refused.
     """
 
     seed: int = 1234
@@ -101,6 +106,7 @@ class TrainConfig:
     max_consecutive_skips: int = 5
     dist_timeout_s: int = 600
     deepspeed_shm_comm: bool = False
+    sequence_parallel: int = 1  # K: ranks that split each sequence along time (W = data-parallel x K)
     sample_tokens: int = 120
     sample_prompt: str = "ROMEO:"
     progress: bool = True
@@ -156,7 +162,7 @@ def validate(train: TrainConfig, wandb: WandbConfig, world_size: int) -> None:
             raise UserError(f"train.{key}={value!r}; expected {expected}")
 
     for key in ("max_steps", "seq_len", "micro_batch_size", "grad_accum", "save_every", "keep_last",
-                "log_every", "max_consecutive_skips", "dist_timeout_s"):
+                "log_every", "max_consecutive_skips", "dist_timeout_s", "sequence_parallel"):
         v = getattr(train, key)
         need(isinstance(v, int) and v > 0, key, v, "a positive integer")
     for key in ("max_tokens", "eval_every", "sample_tokens", "global_batch_size"):
@@ -178,24 +184,45 @@ def validate(train: TrainConfig, wandb: WandbConfig, world_size: int) -> None:
     if wandb.mode not in ("offline", "online", "disabled"):
         raise UserError(f"wandb.mode={wandb.mode!r}; expected offline, online or disabled")
     assert world_size >= 1
+    check_sequence_parallel(train, world_size)
     if train.global_batch_size:  # (a recorded one is checked when the trainer reads it)
         batch_plan(train, world_size)
 
 
+def check_sequence_parallel(train: TrainConfig, world_size: int) -> None:
+    """The sequence-parallel settings a model-free check can judge (the model's own limits, heads
+    and convolution halo, are checked by the trainer with newtonlm.models.check_sequence_parallel
+    before any work): K divides the world size, every chunk gets a step, no torch.compile."""
+    K = train.sequence_parallel
+    if world_size % K:
+        raise UserError(f"train.sequence_parallel={K} does not divide the world size {world_size}; "
+                        f"expected a divisor of it (world = data-parallel groups x {K} ranks)")
+    if train.seq_len < K:
+        raise UserError(f"train.seq_len={train.seq_len} cannot be split over train.sequence_parallel={K} "
+                        f"ranks; expected seq_len >= {K} (at least one token per rank)")
+    if K > 1 and train.compile:
+        raise UserError(f"train.compile=true with train.sequence_parallel={K}: torch.compile around the "
+                        "cross-rank exchanges is not supported here; expected train.compile=false")
+
+
 @dataclass(frozen=True)
 class BatchPlan:
-    """How an optimizer step's ``global_batch`` sequences are spread: ``world`` ranks, each running
-    ``grad_accum`` micro-steps of ``micro_batch`` sequences (global_batch = world * grad_accum *
-    micro_batch)."""
+    """How an optimizer step's ``global_batch`` sequences are spread: ``world`` data-parallel
+    groups (ranks, without sequence parallelism), each running ``grad_accum`` micro-steps of
+    ``micro_batch`` sequences (global_batch = world * grad_accum * micro_batch); each sequence
+    split over the ``sequence_parallel`` ranks of its group."""
 
     global_batch: int
     micro_batch: int
     grad_accum: int
     world: int
+    sequence_parallel: int = 1
 
     def describe(self) -> str:
-        return (f"global batch {self.global_batch} sequences = {self.world} rank"
-                f"{'s' if self.world > 1 else ''} x {self.grad_accum} micro-step"
+        who = (f"{self.world} rank{'s' if self.world > 1 else ''}" if self.sequence_parallel == 1 else
+               f"{self.world} data-parallel group{'s' if self.world > 1 else ''} (each sequence split "
+               f"over {self.sequence_parallel} ranks)")
+        return (f"global batch {self.global_batch} sequences = {who} x {self.grad_accum} micro-step"
                 f"{'s' if self.grad_accum > 1 else ''} x {self.micro_batch}")
 
 
@@ -206,18 +233,24 @@ def batch_plan(train: TrainConfig, world_size: int, recorded: int | None = None)
     checkpoints', when resuming), else ``micro_batch_size * grad_accum * world_size``. Each rank
     takes G / world_size sequences per step, in micro-batches of the largest size that is at most
     ``train.micro_batch_size`` and divides G / world_size; ``grad_accum`` follows. UserError when G
-    does not divide over the ranks."""
+    does not divide over the ranks. With ``train.sequence_parallel`` K, the batch is spread over
+    the ``world_size / K`` data-parallel groups (the K ranks of a group share its sequences)."""
+    K = train.sequence_parallel
+    check_sequence_parallel(train, world_size)
+    world_size //= K
     G = train.global_batch_size or recorded or train.micro_batch_size * train.grad_accum * world_size
     if G % world_size:
         source = ("train.global_batch_size" if train.global_batch_size else
                   "the run's global batch (recorded in its checkpoints)" if recorded else "the global batch")
-        raise UserError(f"{source}={G} sequences per step does not divide over {world_size} ranks "
+        raise UserError(f"{source}={G} sequences per step does not divide over {world_size} "
+                        f"{'ranks' if K == 1 else 'data-parallel groups'} "
                         f"(train.micro_batch_size={train.micro_batch_size}); expected a multiple of the "
                         "world size: run on a number of ranks that divides it, or set "
                         "train.global_batch_size (a new run)")
     per_rank = G // world_size
     micro = next(m for m in range(min(train.micro_batch_size, per_rank), 0, -1) if per_rank % m == 0)
-    return BatchPlan(global_batch=G, micro_batch=micro, grad_accum=per_rank // micro, world=world_size)
+    return BatchPlan(global_batch=G, micro_batch=micro, grad_accum=per_rank // micro, world=world_size,
+                     sequence_parallel=K)
 
 
 # ---- checks before the heavy imports (python -m newtonlm.training.train) -------------------------

@@ -7,6 +7,13 @@
 
 Backend: nccl with CUDA, gloo otherwise. Every collective times out after ``timeout_s``, so a dead
 rank makes the others fail (non-zero exit) instead of hanging.
+
+Sequence parallelism (:func:`init_sequence_parallel`): the world of W ranks is D = W / K
+data-parallel groups of K consecutive ranks (group d: ranks d K .. d K + K - 1). The ranks of a
+group read the same batches (the data loader sees rank d of D) and each holds a chunk of the time
+axis. DeepSpeed keeps treating all W ranks as data-parallel: it averages the gradients over all of
+them, which sums each group's partial (per-chunk) gradients and averages over the groups, given
+the loss scaling of ``loop.train_step``.
 """
 
 from __future__ import annotations
@@ -14,7 +21,8 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,10 +34,42 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    sequence_parallel: int = 1   # K: the ranks of this rank's sequence group
+    sequence_group: Any = None   # its torch.distributed group (None when K = 1)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's data-parallel group (what the data loader sees as its rank)."""
+        return self.rank // self.sequence_parallel
+
+    @property
+    def data_world(self) -> int:
+        """The number of data-parallel groups (the data loader's world size)."""
+        return self.world_size // self.sequence_parallel
+
+
+def sequence_groups(world_size: int, K: int) -> list[list[int]]:
+    """The ranks of each sequence-parallel group: K consecutive ranks each, in data-parallel order."""
+    if K < 1 or world_size % K:
+        raise ValueError(f"sequence_parallel={K} does not divide the world size {world_size}")
+    return [list(range(d * K, d * K + K)) for d in range(world_size // K)]
+
+
+def init_sequence_parallel(info: DistInfo, K: int) -> DistInfo:
+    """``info`` with its sequence group of ``K`` ranks (:func:`sequence_groups`). A collective:
+    every rank creates every group, in the same order (torch.distributed.new_group's rule)."""
+    if K == 1:
+        return replace(info, sequence_parallel=1, sequence_group=None)
+    mine = None
+    for ranks in sequence_groups(info.world_size, K):
+        group = dist.new_group(ranks)
+        if info.rank in ranks:
+            mine = group
+    return replace(info, sequence_parallel=K, sequence_group=mine)
 
 
 def _free_port() -> int:

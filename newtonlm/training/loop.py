@@ -39,7 +39,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ..data import build_dataloaders, get_or_train_tokenizer, load_data_config, vocab_size_for_model
-from ..models import build_model, count_parameters, flops_per_token, newton_stats
+from ..kernels import split_sequence
+from ..models import build_model, count_parameters, flops_per_token, model_config, newton_stats
+from ..models.sequence_parallel import (
+    SequenceParallelUnsupported,
+    check_sequence_parallel,
+    set_sequence_parallel,
+)
 from . import faults
 from .checkpoint import CheckpointError, Checkpoints, dump_state
 from .config import BatchPlan, TrainConfig, WandbConfig, batch_plan, load_settings
@@ -51,6 +57,7 @@ from .distributed import (
     barrier,
     broadcast_object,
     init_distributed,
+    init_sequence_parallel,
 )
 from .errors import UserError
 from .lock import RunDirectoryInUse, RunLock
@@ -148,22 +155,32 @@ def count_targets(batch: dict) -> int:
     return int((batch["targets"] != IGNORE_INDEX).sum())
 
 
+def sequence_chunk(batch: dict, group) -> dict:
+    """This rank's chunk along time of ``batch`` (``input_ids`` and ``targets`` ``[B, T]``, targets
+    already shifted, so no label crosses a chunk boundary); ``batch`` itself when ``group`` is None."""
+    if group is None:
+        return batch
+    return {key: split_sequence(batch[key], group) for key in ("input_ids", "targets")}
+
+
 def token_loss_sum(model, batch: dict, device) -> torch.Tensor:
     """Sum of the cross-entropy of the logits at each position of ``batch["input_ids"]`` ``[B, T]``
     against ``batch["targets"]`` ``[B, T]`` (the next tokens: already shifted, so no shift here);
     ``model``: a causal LM or the DeepSpeed engine around one."""
-    logits = model(input_ids=batch["input_ids"].to(device)).logits
+    logits = model(input_ids=batch["input_ids"].to(device), use_cache=False).logits  # scoring: no cache
     targets = batch["targets"].to(device)
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 @torch.no_grad()
-def evaluate(engine, val_loader, device) -> dict:
-    """Validation loss (mean over every target of every rank), perplexity and target count."""
+def evaluate(engine, val_loader, device, sequence_group=None) -> dict:
+    """Validation loss (mean over every target of every rank), perplexity and target count. With a
+    ``sequence_group`` each rank scores its chunk of every sequence (the sums add up over ranks)."""
     engine.eval()
     total, count = 0.0, 0
     for batch in val_loader:
+        batch = sequence_chunk(batch, sequence_group)
         total, count = total + token_loss_sum(engine, batch, device).item(), count + count_targets(batch)
     newton_stats(engine.module, reset=True)  # keep evaluation out of the training telemetry
     engine.train()
@@ -173,13 +190,18 @@ def evaluate(engine, val_loader, device) -> dict:
 
 
 @torch.no_grad()
-def sample_text(engine, tokenizer, prompt: str, max_new_tokens: int, device, seed: int) -> str:
+def sample_text(engine, tokenizer, prompt: str, max_new_tokens: int, device, seed: int,
+                sequence_group=None) -> str:
     model = engine.module
     model.eval()
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
     torch.manual_seed(seed)
+    if sequence_group is not None:  # generation runs whole on every rank (it needs a cache)
+        set_sequence_parallel(model, None)
     out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=True, top_k=40, temperature=0.8,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+    if sequence_group is not None:
+        set_sequence_parallel(model, sequence_group)
     model.train()
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
@@ -270,7 +292,9 @@ def save_checkpoint(job: Job, counters: Counters) -> None:
     what its manifest records (:func:`run_facts`). Warns first when the disk looks too full for it."""
     if job.dist.is_main and (warning := job.ckpts.space_warning()):
         print(f"newtonlm: warning: {warning}", file=sys.stderr, flush=True)
-    client = {**asdict(counters), **job.facts, "data": all_gather_object(job.train_loader.state_dict()),
+    # the data loaders' states: one per data-parallel group (its K ranks hold the same one)
+    loaders = all_gather_object(job.train_loader.state_dict())[::job.dist.sequence_parallel]
+    client = {**asdict(counters), **job.facts, "data": loaders,
               "rng": all_gather_object(rng_state())}
     job.ckpts.save(job.engine, counters.step, client)
     dump_state(job.engine, counters.step, "saved")  # test hook (NEWTONLM_STATE_DUMP); nothing when unset
@@ -328,6 +352,8 @@ def setup(cfg: DictConfig) -> Job:
     info = init_distributed(train_cfg.dist_timeout_s, shm_comm=train_cfg.deepspeed_shm_comm)
     world = info.world_size
     validate_settings(train_cfg, wandb_cfg, world)
+    check_model_sequence_parallel(cfg, train_cfg)
+    info = init_sequence_parallel(info, train_cfg.sequence_parallel)
     ckpts = Checkpoints(run_dir / "checkpoints", train_cfg.keep_last, info.is_main)
     train_cfg, batch = apply_batch_plan(train_cfg, ckpts, info)
     data_cfg = load_data_config(cfg.data)
@@ -342,8 +368,8 @@ def setup(cfg: DictConfig) -> Job:
         tokenizer = get_or_train_tokenizer(data_cfg)  # from rank 0's cache
     vocab = vocab_size_for_model(tokenizer)
     train_loader, val_loader = build_dataloaders(
-        data_cfg, tokenizer, train_cfg.seq_len, train_cfg.micro_batch_size, info.rank, world,
-        train_cfg.seed, model_vocab_size=vocab)
+        data_cfg, tokenizer, train_cfg.seq_len, train_cfg.micro_batch_size, info.data_rank,
+        info.data_world, train_cfg.seed, model_vocab_size=vocab)
     facts = run_facts(resolved, world, tokenizer, train_loader.signature())
     lock, plan = claim_run_dir(run_dir, ckpts, train_cfg, facts)
     try:
@@ -357,6 +383,20 @@ def setup(cfg: DictConfig) -> Job:
         raise
 
 
+def check_model_sequence_parallel(cfg: DictConfig, train_cfg: TrainConfig) -> None:
+    """Start-up check of ``train.sequence_parallel`` against the model (architecture, heads, the
+    convolution halo: ``newtonlm.models.check_sequence_parallel``), before any work: UserError."""
+    if train_cfg.sequence_parallel == 1:
+        return
+    try:  # the vocabulary plays no part in the check: any size
+        config = model_config(cfg.model, vocab_size=64)
+        check_sequence_parallel(config, train_cfg.sequence_parallel, train_cfg.seq_len)
+    except SequenceParallelUnsupported as exc:
+        raise UserError(f"train.sequence_parallel={train_cfg.sequence_parallel}: {exc}") from exc
+    except ValueError as exc:  # a model.* value the architecture's config rejects
+        raise UserError(f"model ({cfg.model.get('arch')}): {exc}") from exc
+
+
 def apply_batch_plan(train_cfg: TrainConfig, ckpts: Checkpoints,
                      info: DistInfo) -> tuple[TrainConfig, BatchPlan]:
     """The batch plan of this start (:func:`~newtonlm.training.config.batch_plan`: the global batch
@@ -366,7 +406,7 @@ def apply_batch_plan(train_cfg: TrainConfig, ckpts: Checkpoints,
     recorded = broadcast_object(recorded_global_batch(ckpts, train_cfg) if info.is_main else None)
     batch = batch_plan(train_cfg, info.world_size, recorded)
     if info.is_main and recorded and not train_cfg.global_batch_size and recorded != (
-            train_cfg.micro_batch_size * train_cfg.grad_accum * info.world_size):
+            train_cfg.micro_batch_size * train_cfg.grad_accum * info.data_world):
         print(f"newtonlm: the run's global batch of {recorded} sequences (recorded in its checkpoints) is "
               f"kept: {batch.describe()}", file=sys.stderr, flush=True)
     return replace(train_cfg, global_batch_size=batch.global_batch, micro_batch_size=batch.micro_batch,
@@ -385,6 +425,8 @@ def _build_engine(cfg: DictConfig, train_cfg: TrainConfig, info: DistInfo, vocab
         raise UserError(f"model ({cfg.model.get('arch')}): {exc}") from exc
     if train_cfg.activation_checkpointing:
         model.gradient_checkpointing_enable()
+    if info.sequence_group is not None:
+        set_sequence_parallel(model, info.sequence_group)
     parameters = count_parameters(model)
     tokens_per_step = batch.global_batch * train_cfg.seq_len  # independent of the world size
     total_steps = (math.ceil(train_cfg.max_tokens / tokens_per_step) if train_cfg.max_tokens > 0
@@ -432,7 +474,7 @@ def train_step(job: Job, counters: Counters, batches: Iterator[dict], t0: float)
     step's record (metrics.jsonl) and whether any rank received a stop notice. ``t0``: when the
     previous step's bookkeeping ended (the step's time runs from there: waiting for data counts)."""
     cfg, engine, device, world = job.cfg, job.engine, job.dist.device, job.dist.world_size
-    micro = [next(batches) for _ in range(cfg.grad_accum)]
+    micro = [sequence_chunk(next(batches), job.dist.sequence_group) for _ in range(cfg.grad_accum)]
     data_wait = time.perf_counter() - t0  # > a few % of the step: the input pipeline is slow
     (n_global,) = all_reduce_sum([sum(count_targets(mb) for mb in micro)], device)
     skipped_before = engine.skipped_steps
@@ -442,7 +484,9 @@ def train_step(job: Job, counters: Counters, batches: Iterator[dict], t0: float)
         loss = token_loss_sum(engine, mb, device)
         if counters.step + 1 in cfg.inject_nan_steps:
             loss = loss * float("nan")
-        # mean over every target token of the step on every rank (ranks' grads are averaged)
+        # mean over every target token of the step on every rank: DeepSpeed averages the grads over
+        # all W ranks (x W / n_global: the sum over ranks / n_global). With sequence parallelism a
+        # rank's loss is its chunk's; the sum over all ranks is still every target of the step once
         engine.backward(loss * (world / n_global), scale_wrt_gas=False)
         engine.step()
         loss_sum += loss.item()
@@ -476,7 +520,7 @@ def stop_reason(job: Job, counters: Counters, stop_requested: bool) -> tuple[str
 
 
 def validate(job: Job, counters: Counters, log: RunLog, final: bool = False) -> dict:
-    val = evaluate(job.engine, job.val_loader, job.dist.device)
+    val = evaluate(job.engine, job.val_loader, job.dist.device, job.dist.sequence_group)
     log.val(counters.step, counters.tokens_seen, val, final=final)
     return val
 
@@ -552,7 +596,8 @@ def finish(job: Job, counters: Counters, log: RunLog, status: str, exit_code: in
         if job.cfg.sample_tokens > 0:
             result["sample_prompt"] = job.cfg.sample_prompt
             result["sample"] = sample_text(job.engine, job.tokenizer, job.cfg.sample_prompt,
-                                           job.cfg.sample_tokens, job.dist.device, job.cfg.seed)
+                                           job.cfg.sample_tokens, job.dist.device, job.cfg.seed,
+                                           job.dist.sequence_group)
     log.close()
     if job.dist.is_main:
         _report(result)
