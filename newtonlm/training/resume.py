@@ -64,8 +64,9 @@ RESUME_MAY_CHANGE = (
     "train.log_every", "train.max_consecutive_skips", "train.dist_timeout_s", "train.deepspeed_shm_comm",
     "train.activation_checkpointing", "train.compile", "train.sample_tokens", "train.sample_prompt",
     "train.progress", "train.peak_flops", "train.inject_nan_steps", "wandb.*",
-    # how the global batch (compared on its own: global_batch) is split over the ranks
-    "train.micro_batch_size", "train.grad_accum",
+    # how the global batch (compared on its own: global_batch) is split over the ranks, and each
+    # sequence over the ranks of a sequence-parallel group (a layout: the checkpoint is the same)
+    "train.micro_batch_size", "train.grad_accum", "train.sequence_parallel",
     # how the recurrence is solved, not what it computes
     "model.cell_mode", "model.newton_*",
     # validation size, tokenizer batching, the loader's workers (ResumableLoader.load_states re-maps
