@@ -11,10 +11,15 @@ import torch  # noqa: E402
 
 
 def pytest_configure(config):
-    # `make test` and CI run everything; `pytest -m "not slow"` is the quick run (see README)
+    # `make test` (CI) runs all but the matrices, `make test-all` everything, `make test-fast` (-m "not
+    # slow and not matrix") is the quick run (see README)
     config.addinivalue_line(
         "markers", "slow: starts subprocesses (trainer runs, multi-process DeepSpeed, Slurm template, wheel "
         "build) or trains for more than a few seconds; deselect with -m \"not slow\"")
+    config.addinivalue_line(
+        "markers", "matrix: the rest of an exhaustive matrix whose representative case runs in `make test` "
+        "(elastic resume over ZeRO stages x directions, 4-rank sequence parallelism, the rehearsal of every "
+        "architecture); `make test-all` runs them; deselect with -m \"not matrix\"")
 
 
 @pytest.fixture(autouse=True)
