@@ -290,6 +290,7 @@ def test_elastic_resume_2_to_1_ranks_zero2(tmp_path, shards):
 
 
 @pytest.mark.slow
+@pytest.mark.matrix
 @pytest.mark.parametrize("zero, world, new_world", [
     (0, 2, 1), (1, 2, 1), (3, 2, 1), (0, 1, 2), (1, 1, 2), (2, 1, 2), (3, 1, 2)])
 def test_elastic_resume_matrix(tmp_path, shards, zero, world, new_world):

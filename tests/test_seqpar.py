@@ -464,6 +464,7 @@ def test_two_ranks_triton_paths_in_the_interpreter(pool2, mode):
 
 
 @pytest.mark.slow
+@pytest.mark.matrix
 @pytest.mark.parametrize("cell_name", list(CELLS))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_four_ranks_match_the_sequential_reference(pool4, cell_name, dtype):
