@@ -82,6 +82,18 @@ def test_llama_ulysses_matches_one_process(pool2, attn, T):
         assert impl == attn
 
 
+@pytest.mark.slow
+def test_llama_ulysses_on_four_ranks():
+    """K=4, T=13 (chunks 4, 3, 3, 3: three padded), 4 heads and 4 key-value heads."""
+    pool = Pool(4)
+    try:
+        preset = {**LLAMA, "num_key_value_heads": 4}
+        for err, grad_rel, back, impl in pool.run(_llama_case, preset, "sdpa", 13, timeout=180):
+            assert err < 1e-12 and grad_rel < 1e-12 and back < 1e-12 and impl == "sdpa"
+    finally:
+        pool.close()
+
+
 def _llama_global_positions(rank, world, group):
     """RoPE must use global positions: a model fed chunks with local positions 0.. differs."""
     torch.manual_seed(3)
