@@ -29,7 +29,11 @@ from pathlib import Path
 import torch
 
 _SRC = Path(__file__).with_name("csrc") / "cpu_kernels.c"
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11"]
+_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-std=c11"]
+# Linked in a separate step without -ffast-math: gcc (before 13) links crtfastmath.o into a shared
+# library built with -ffast-math, whose constructor sets flush-to-zero and denormals-are-zero in
+# the MXCSR of the process that loads it, i.e. changes every later PyTorch CPU op in the process.
+_LINK_FLAGS = ["-shared"]
 _lib = None
 _status = "not loaded yet"
 
@@ -58,7 +62,7 @@ def _build() -> Path:
         raise RuntimeError("no C compiler found (set CC or install gcc)")
     key = hashlib.sha256(
         _SRC.read_bytes()
-        + " ".join([cc, *_FLAGS]).encode()
+        + " ".join([cc, *_FLAGS, "|", *_LINK_FLAGS]).encode()
         + _cpu_signature().encode()
         + platform.machine().encode()
     ).hexdigest()[:16]
@@ -68,14 +72,18 @@ def _build() -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
+    obj = tmp[:-3] + ".o"
     try:
-        proc = subprocess.run([cc, *_FLAGS, str(_SRC), "-o", tmp, "-lm"], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"compiling {_SRC} failed:\n{proc.stderr[-2000:]}")
+        for what, cmd in (("compiling", [cc, *_FLAGS, "-c", str(_SRC), "-o", obj]),
+                          ("linking", [cc, *_LINK_FLAGS, obj, "-o", tmp, "-lm"])):
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{what} {_SRC} failed:\n{proc.stderr[-2000:]}")
         os.replace(tmp, out)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for path in (tmp, obj):
+            if os.path.exists(path):
+                os.unlink(path)
     return out
 
 

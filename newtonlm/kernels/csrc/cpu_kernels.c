@@ -18,7 +18,31 @@
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-#define SIGMOID(T_, x) ((T_)1 / ((T_)1 + EXP(-(x))))
+/* sigmoid and tanh, finite and accurate for every finite input, also under -ffast-math (which
+ * assumes no infinities: the former forms returned NaN once exp overflowed, e.g. sigmoid(x) for
+ * x < -88.7 in fp32 through the vectorized reciprocal of 1 + inf):
+ *   sigmoid(x) = 1 / (1 + exp(min(-x, L))), L = 80 (fp32) or 700 (fp64): the clamp keeps exp
+ *     finite; below -L the result is 1 / (1 + exp(L)) (1.8e-35 in fp32, 9.9e-305 in fp64)
+ *     instead of the true value, which is smaller still: an absolute error below that bound;
+ *   tanh(x) = sign(x) * -m / (2 + m), m = expm1(-2|x|) in [-1, 0]: no overflow, +-1 exactly in
+ *     saturation, and a few ulp of relative error near 0 (the former 2 / (1 + exp(-2x)) - 1
+ *     cancelled there: it lost ~log10(1/|x|) digits and returned 0 for |x| < 3e-8 in fp32).
+ * glibc >= 2.35 (x86-64) vectorizes expm1 under -ffast-math (libmvec); older libms call the
+ * scalar expm1 per element: correct, slower. */
+static inline float sigmoid_f32(float x) { return 1.0f / (1.0f + expf(fminf(-x, 80.0f))); }
+static inline double sigmoid_f64(double x) { return 1.0 / (1.0 + exp(fmin(-x, 700.0))); }
+
+static inline float tanh_f32(float x) {
+    float m = expm1f(-2.0f * fabsf(x));
+    return copysignf(-m / (2.0f + m), x);
+}
+
+static inline double tanh_f64(double x) {
+    double m = expm1(-2.0 * fabs(x));
+    return copysign(-m / (2.0 + m), x);
+}
+
+#define SIGMOID(T_, x) SIGMOID_FN(x)
 
 /* h_t = J_t h_{t-1} + r_t  (reverse: h_t = J_t h_{t+1} + r_t); J, r, out: [B, T, N]; h0: [B, N] or NULL */
 #define DEF_SCAN_DIAG(SUF, T_)                                                                  \
@@ -241,24 +265,24 @@ static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
         }                                                                                          \
     }
 
-#define EXP expf
-#define TANH(x) ((float)2 / (1.0f + expf(-2.0f * (x))) - 1.0f)
+#define SIGMOID_FN sigmoid_f32
+#define TANH tanh_f32
 DEF_SCAN_DIAG(f32, float)
 DEF_SCAN_BLOCK2(f32, float)
 DEF_GRU_SEQ(f32, float)
 DEF_LSTM_SEQ(f32, float)
 DEF_GRU_ADJ(f32, float)
 DEF_LSTM_ADJ(f32, float)
-#undef EXP
+#undef SIGMOID_FN
 #undef TANH
 
-#define EXP exp
-#define TANH(x) (2.0 / (1.0 + exp(-2.0 * (x))) - 1.0)
+#define SIGMOID_FN sigmoid_f64
+#define TANH tanh_f64
 DEF_SCAN_DIAG(f64, double)
 DEF_SCAN_BLOCK2(f64, double)
 DEF_GRU_SEQ(f64, double)
 DEF_LSTM_SEQ(f64, double)
 DEF_GRU_ADJ(f64, double)
 DEF_LSTM_ADJ(f64, double)
-#undef EXP
+#undef SIGMOID_FN
 #undef TANH
