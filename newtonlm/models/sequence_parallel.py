@@ -147,7 +147,16 @@ def _llama_on(model: LlamaForCausalLM, group) -> None:
     from deepspeed.sequence.layer import DistributedAttention
 
     if not ds_comm.is_initialized():  # DeepSpeed's collectives wrap the torch process group
-        ds_comm.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+        import deepspeed.ops
+
+        # without its shared-memory CPU all-reduce (compiled at first use, 25-90 s): not used here
+        compatible = deepspeed.ops.__compatible_ops__
+        before = compatible.get("deepspeed_shm_comm")
+        compatible["deepspeed_shm_comm"] = False
+        try:
+            ds_comm.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+        finally:
+            compatible["deepspeed_shm_comm"] = before
     state = _Ulysses(group=group, inner=inner)
     # scatter heads (dim 2 of [B, L, H, D]), gather the sequence (dim 1)
     state.attention = DistributedAttention(_GatheredAttention(state), group, scatter_idx=2, gather_idx=1)
