@@ -125,7 +125,12 @@ _autotune = triton.autotune(configs=launch_configs(), key=["N", "T_BUCKET", "B_B
 # ----------------------------------------------------------------------------- jit helpers
 @triton.jit
 def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
+    """exp only of -|x| <= 0: never overflows (1 / (1 + exp(-x)) relied on exp(-x) = inf giving
+    1 / inf = 0, and numpy warned of the overflow under the interpreter); the tail x < 0 keeps
+    its relative accuracy as e / (1 + e)."""
+    e = tl.exp(-tl.abs(x))
+    s = 1.0 / (1.0 + e)
+    return tl.where(x >= 0, s, e * s)
 
 
 @triton.jit
