@@ -1,4 +1,4 @@
-"""Sequence parallelism of whole language models (newtonlm.models.sequence_parallel).
+"""Sequence parallelism of whole language models (newtonlm.training.sequence_parallel).
 
 Llama (DeepSpeed-Ulysses around transformers' attention) split over 2 gloo ranks against the same
 model in one process on the whole sequence, in float64: every rank's chunk of the logits, and the
@@ -14,7 +14,7 @@ from test_seqpar import Pool
 
 from newtonlm.kernels import split_sequence
 from newtonlm.models import build_model, model_config
-from newtonlm.models.sequence_parallel import (
+from newtonlm.training.sequence_parallel import (
     ULYSSES,
     SequenceParallelUnsupported,
     check_sequence_parallel,

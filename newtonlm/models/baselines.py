@@ -8,7 +8,7 @@
 Both get the same vocabulary as the ParaRNN LMs (an argument, from the tokenizer), tied embeddings,
 and special-token ids left unset (the tokenizer sets them).
 
-Sequence parallelism (``newtonlm.models.sequence_parallel``): Llama through DeepSpeed-Ulysses
+Sequence parallelism (``newtonlm.training.sequence_parallel``): Llama through DeepSpeed-Ulysses
 around its own attention function (heads and key-value heads divisible by K); Mamba2 has none
 (its mixer takes no initial state for a chunk).
 """

@@ -41,11 +41,6 @@ from omegaconf import DictConfig, OmegaConf
 from ..data import build_dataloaders, get_or_train_tokenizer, load_data_config, vocab_size_for_model
 from ..kernels import split_sequence
 from ..models import build_model, count_parameters, flops_per_token, model_config, newton_stats
-from ..models.sequence_parallel import (
-    SequenceParallelUnsupported,
-    check_sequence_parallel,
-    set_sequence_parallel,
-)
 from . import faults
 from .checkpoint import CheckpointError, Checkpoints, dump_state
 from .config import BatchPlan, TrainConfig, WandbConfig, batch_plan, load_settings
@@ -75,6 +70,11 @@ from .resume import (
     run_facts,
     seed_rng,
     set_rng_state,
+)
+from .sequence_parallel import (
+    SequenceParallelUnsupported,
+    check_sequence_parallel,
+    set_sequence_parallel,
 )
 
 if TYPE_CHECKING:

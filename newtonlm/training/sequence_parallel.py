@@ -18,8 +18,8 @@ trainer does, like data-parallel gradients). None as the group switches back to 
 * Mamba2: refused (:class:`SequenceParallelUnsupported`): transformers' Mamba2 mixer takes no
   initial SSM state for a chunk (its chunked scan starts from zero) and no convolution halo.
 
-DeepSpeed is imported only when a Llama model is switched on (models/ stays importable without it
-being initialized).
+It lives in training/ because the Llama part uses DeepSpeed (models/ never imports DeepSpeed);
+DeepSpeed is imported only when a Llama model is switched on.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from newtonlm.kernels import split_lengths
 
-from .configuration_pararnn import ParaRNNConfig
-from .modeling_pararnn import ParaRNNForCausalLM
+from ..models.configuration_pararnn import ParaRNNConfig
+from ..models.modeling_pararnn import ParaRNNForCausalLM
 
 ULYSSES = "newtonlm_ulysses"  # the attention implementation name registered with transformers
 _STATE = "_newtonlm_sequence_parallel"  # attribute on the Llama model and its attention modules
@@ -185,7 +185,7 @@ def _state_of(module) -> _Ulysses:
     state = getattr(module, _STATE, None)
     if state is None:
         raise SequenceParallelUnsupported(f"attn_implementation={ULYSSES!r} on a model not switched on "
-                                          "with newtonlm.models.sequence_parallel.set_sequence_parallel")
+                                          "with newtonlm.training.sequence_parallel.set_sequence_parallel")
     return state
 
 
