@@ -312,3 +312,20 @@ def test_export_and_loading_print_no_library_progress_bars(folder, tmp_path, cap
     for noise in ("Loading weights", "Writing model shards", "it/s", "Setting accelerator"):
         assert noise not in err, err
     assert hf_logging.is_progress_bar_enabled()
+
+
+def test_the_card_counts_the_global_batch_not_the_ranks(tmp_path):
+    """With sequence parallelism the K ranks of a group share sequences: the card's tokens per step
+    come from the recorded global batch; a run from before it was recorded: micro x accum x ranks."""
+    from newtonlm.export.card import _training_rows
+    from newtonlm.export.source import Checkpoint
+
+    def rows(train: dict, world: int) -> dict:
+        ckpt = Checkpoint(tmp_path, "step_00000004", 4, 1024, 0, world, {"train": train, "model": {}}, {})
+        return dict(_training_rows(ckpt))
+
+    sp = {"seq_len": 32, "micro_batch_size": 2, "grad_accum": 1, "global_batch_size": 2,
+          "sequence_parallel": 2}
+    assert rows(sp, world=2)["batch"] == f"{2 * 32:,} tokens per step"
+    old = {"seq_len": 32, "micro_batch_size": 2, "grad_accum": 3}
+    assert rows(old, world=4)["batch"] == f"{2 * 3 * 4 * 32:,} tokens per step"

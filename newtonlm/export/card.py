@@ -142,8 +142,11 @@ def _data_lines(config: dict) -> list[str]:
 
 def _training_rows(ckpt: Checkpoint) -> list[tuple[str, str]]:
     t = ckpt.config.get("train", {})
-    tokens_per_step = (t.get("micro_batch_size", 0) * t.get("seq_len", 0) * t.get("grad_accum", 1)
-                       * ckpt.world_size)
+    # the run's global batch (recorded since elastic resume); older runs: micro x accum x world size
+    # (before sequence parallelism every rank read its own sequences)
+    sequences = t.get("global_batch_size") or (t.get("micro_batch_size", 0) * t.get("grad_accum", 1)
+                                               * ckpt.world_size)
+    tokens_per_step = sequences * t.get("seq_len", 0)
     return [("checkpoint", f"step {ckpt.step:,} (`{ckpt.tag}`)"),
             ("tokens seen", f"{ckpt.tokens_seen:,}"),
             ("sequence length", str(t.get("seq_len", "?"))),
