@@ -102,7 +102,7 @@ def _reference_state(cls, top):
 @pytest.mark.parametrize("cls", [ParaGRU, ParaLSTM])
 def test_loading_weights_the_clamp_would_change_raises(cls):
     sd = _reference_state(cls, 0.8)
-    lm = cls(16, 32, 2, init="lm")  # a_max = 0.5
+    lm = cls(16, 32, 2, init="lm", a_max=0.5)
     match = (r"state_dict entry A \(max \|value\| 0\.8 > a_max=0\.5\)"
              r".*init='reference', a_max=None.*a_max >= 0\.8.*accept_clamped_weights")
     with pytest.raises(ValueError, match=match):
@@ -114,7 +114,8 @@ def test_loading_weights_the_clamp_would_change_raises(cls):
 
 
 def test_the_error_names_nested_parameters_and_peepholes():
-    model = torch.nn.Sequential(ParaLSTM(16, 32, 2, init="lm"), ParaLSTM(32, 32, 2, init="lm"))
+    model = torch.nn.Sequential(ParaLSTM(16, 32, 2, init="lm", a_max=0.5),
+                                ParaLSTM(32, 32, 2, init="lm", a_max=0.5))
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     sd["1.C"][0, 0] = -0.75
     with pytest.raises(ValueError, match=r"1\.C \(max \|value\| 0\.75 > a_max=0\.5\)"):
@@ -126,14 +127,14 @@ def test_newtonlm_state_dicts_with_the_same_clamp_load(caplog):
     # newtonlm state_dict records its a_max, and loading it into a layer with the same a_max keeps
     # the outputs: accepted, also through torch.save / torch.load
     torch.manual_seed(0)
-    trained = ParaGRU(16, 32, 2, init="lm")
+    trained = ParaGRU(16, 32, 2, init="lm", a_max=0.5)
     with torch.no_grad():
         trained.A[0, :4] = 0.9
     buf = io.BytesIO()
     torch.save(trained.state_dict(), buf)
     buf.seek(0)
     sd = torch.load(buf)
-    same = ParaGRU(16, 32, 2, init="lm")
+    same = ParaGRU(16, 32, 2, init="lm", a_max=0.5)
     same.load_state_dict(sd)
     x = torch.randn(2, 7, 16)
     torch.testing.assert_close(same(x), trained(x), rtol=0, atol=0)
@@ -148,3 +149,27 @@ def test_newtonlm_state_dicts_with_the_same_clamp_load(caplog):
     assert "A (max |value| 0.9 > a_max=0.5): accepted" in caplog.text
     with pytest.raises(ValueError):  # the context ended
         same.load_state_dict(plain)
+
+
+def test_weights_saved_with_a_clamp_refuse_a_layer_with_a_wider_one():
+    """A state_dict records the clamp its layer applied (also the 0.5 that init="lm" with
+    a_max=None silently meant before 2026-12-02): loading it where values beyond that clamp would
+    reach the cell unclamped raises, also inside accept_clamped_weights (which is for state_dicts
+    without the record)."""
+    trained = ParaGRU(16, 32, 2, init="lm", a_max=0.5)
+    with torch.no_grad():
+        trained.A[2, :3] = -0.7  # drifted past the bound: the cell saw -0.5
+    sd = trained.state_dict()
+    for wider in (None, math.inf, 0.9):
+        layer = ParaGRU(16, 32, 2, init="lm", a_max=wider)
+        with pytest.raises(ValueError, match=r"A \(max \|value\| 0\.7 > 0\.5\).*a_max=0\.5"):
+            layer.load_state_dict(sd)
+        with accept_clamped_weights(), pytest.raises(ValueError, match="saved by a newtonlm layer"):
+            layer.load_state_dict(sd)
+    with torch.no_grad():
+        trained.A[2, :3] = -0.4  # within the bound: every clamp gives the same outputs
+    for wider in (None, 0.9):
+        layer = ParaGRU(16, 32, 2, init="lm", a_max=wider)
+        layer.load_state_dict(trained.state_dict())
+        x = torch.randn(2, 5, 16)
+        torch.testing.assert_close(layer(x), trained(x), rtol=0, atol=0)

@@ -253,3 +253,44 @@ def test_activation_checkpointing_gives_the_same_gradients():
     model(ids, labels=ids).loss.backward()
     for g, p in zip(plain, model.parameters()):
         torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("preset", [f"{arch}_{size}" for arch in ("paragru", "paralstm")
+                                    for size in ("demo", "125m", "400m", "1b", "3b", "7b")])
+def test_every_preset_bounds_its_cells_at_the_config_a_max(preset):
+    """The bound is explicit (0.5 in every preset, as trained) and reaches every layer; built on the
+    meta device (structure only)."""
+    with torch.device("meta"):
+        model = build_model(load_preset(preset), VOCAB)
+    cells = [layer.mixer.cell for layer in model.model.layers]
+    assert load_preset(preset)["a_max"] == 0.5 == model.config.a_max
+    assert len(cells) == model.config.num_hidden_layers
+    assert all(cell.a_max == 0.5 and cell.bounded for cell in cells)
+
+
+def test_a_max_default_none_and_inf():
+    assert ParaGRUConfig().a_max == 0.5
+    for unbounded in (None, float("inf")):
+        model = _model("paragru", a_max=unbounded, num_hidden_layers=2)
+        assert model.config.a_max == float("inf")  # stored as inf: a saved null is an old config
+        assert all(not layer.mixer.cell.bounded for layer in model.model.layers)
+
+
+def test_saved_configs_keep_their_bound(tmp_path, caplog):
+    """inf round-trips through config.json; a null a_max with cell_init "lm" comes from newtonlm
+    before 2026-12-02, whose layers clamped at 0.5: loaded as 0.5 (the trained behaviour), logged."""
+    import json
+    import logging
+
+    fields = dict(hidden_size=32, intermediate_size=64, num_heads=2, num_hidden_layers=1)
+    ParaGRUConfig(a_max=None, **fields).save_pretrained(tmp_path)
+    assert ParaGRUConfig.from_pretrained(tmp_path).a_max == float("inf")
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["a_max"] is not None
+    for cell_init, want in (("lm", 0.5), ("reference", float("inf"))):
+        saved.update(a_max=None, cell_init=cell_init)
+        (tmp_path / "config.json").write_text(json.dumps(saved))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="newtonlm.models.configuration_pararnn"):
+            assert ParaGRUConfig.from_pretrained(tmp_path).a_max == want
+        assert ("a_max=null with cell_init='lm'" in caplog.text) == (cell_init == "lm")

@@ -55,14 +55,14 @@ def test_forward_equals_step_by_step(cls):
 
 
 def test_lm_init_bounds_recurrent_weights_in_forward():
-    layer = ParaGRU(16, 32, 2, init="lm")
+    layer = ParaGRU(16, 32, 2, init="lm", a_max=0.5)
     assert layer.a_max == 0.5 and (layer.b == 0).all()
     assert layer.B.abs().max() <= 1 / math.sqrt(8)
     with torch.no_grad():
         layer.A.fill_(3.0)
     (A,) = layer.recurrent_weights()
     assert A.max().item() == 0.5
-    ref = ParaGRU(16, 32, 2, init="lm")
+    ref = ParaGRU(16, 32, 2, init="lm", a_max=0.5)
     ref.load_state_dict(layer.state_dict())
     with torch.no_grad():
         ref.A.fill_(0.5)
@@ -95,3 +95,26 @@ def test_bad_input_shapes():
         layer(torch.zeros(2, 5, 8, dtype=torch.long))
     with pytest.raises(ValueError, match=r"x has shape \(2, 5, 8\); expected \[B, input_dim\]"):
         layer.step(torch.randn(2, 5, 8))
+
+
+@pytest.mark.parametrize("init", ["lm", "reference"])
+@pytest.mark.parametrize("a_max", [None, math.inf])
+def test_a_max_none_or_inf_is_unbounded_for_every_init(init, a_max):
+    """None meant 0.5 under init="lm" before 2026-12-02; now the bound is only what is passed."""
+    layer = ParaLSTM(8, 16, 2, init=init, a_max=a_max)
+    assert layer.a_max is a_max and not layer.bounded
+    with torch.no_grad():
+        layer.A.fill_(3.0)
+        layer.C.fill_(-2.0)
+    A, C = layer.recurrent_weights()
+    assert A is layer.A and C is layer.C  # the raw parameters: no clamp at all
+    sd = layer.state_dict()
+    ParaLSTM(8, 16, 2, init=init, a_max=a_max).load_state_dict(sd)  # unbounded -> unbounded
+    with pytest.raises(ValueError, match=r"A \(max \|value\| 3 > a_max=0\.5\)"):
+        ParaLSTM(8, 16, 2, init=init, a_max=0.5).load_state_dict(sd)
+
+
+@pytest.mark.parametrize("a_max", [0.0, -1.0, float("nan"), True, "0.5"])
+def test_bad_a_max_is_refused(a_max):
+    with pytest.raises(ValueError, match="a_max="):
+        ParaGRU(8, 16, 2, a_max=a_max)

@@ -16,14 +16,25 @@ Initialization (``init=``):
   with fan-in D/H and fan-out N (ParaGRU) or N/H (ParaLSTM), the first bias row -linspace(0, 1, N),
   the other rows 0; no bound on A and C. Custom cells follow ParaGRU.
 * ``"lm"`` (what reproductions use for language-model training): the same A and C draw, B
-  kaiming-uniform, biases 0, and ``a_max=0.5``: A and C are clamped to [-a_max, a_max] in every
-  forward (``a_max`` can be set for any init; 0.9 suits synthetic tasks). A bounded recurrence
-  stays contracting, which keeps Newton at 3 iterations.
+  kaiming-uniform, biases 0.
+
+``a_max`` (any init): A and C are clamped to [-a_max, a_max] at init and in every forward; None
+(or ``math.inf``) means unbounded, for every init. Language-model training uses ``a_max=0.5``
+(the LM configs set it explicitly; 0.9 suits synthetic tasks): a bounded recurrence stays
+contracting, which keeps Newton at 3 iterations. (Before 2026-12-02, ``init="lm"`` with
+``a_max=None`` silently meant 0.5; state_dicts saved then record the 0.5, see below.)
+
+The clamp is applied to the values the cell sees, not to the stored parameters: a raw A or C
+that an optimizer step moves past ``a_max`` stays there (its gradient is 0 beyond the bound, so
+only weight decay pulls it back), and state_dicts hold these raw values.
 
 Loading a state_dict whose |A| or |C| exceeds the layer's ``a_max`` would silently change the
 outputs (the clamp applies in every forward), so it raises, unless the state_dict was saved by a
 newtonlm layer with the same ``a_max`` (then the clamp is part of the saved model), or inside
-:func:`accept_clamped_weights` (an explicit, logged choice).
+:func:`accept_clamped_weights` (an explicit, logged choice for state_dicts without that record).
+A state_dict saved by a layer with a *different* clamp (recorded in its metadata) raises when
+any value lies beyond the smaller of the two bounds, e.g. weights trained with 0.5 loaded into an
+unbounded layer.
 """
 
 from __future__ import annotations
@@ -77,13 +88,15 @@ class ParaRNN(nn.Module):
             raise ValueError(f"mode={mode!r}; expected one of {MODES}")
         if init not in INITS:
             raise ValueError(f"init={init!r}; expected one of {INITS}")
-        if a_max is not None and not a_max > 0:
-            raise ValueError(f"a_max={a_max!r}; expected None or a positive number")
+        if a_max is not None and (isinstance(a_max, bool) or not isinstance(a_max, (int, float))
+                                  or not a_max > 0):
+            raise ValueError(f"a_max={a_max!r}; expected None (unbounded) or a positive number "
+                             "(math.inf: unbounded)")
         self.cell, self.mode = cell, mode
         self.newton = newton or NewtonConfig()
         self.input_dim, self.state_dim, self.num_heads = input_dim, state_dim, num_heads
         self.init_scheme = init
-        self.a_max = 0.5 if (init == "lm" and a_max is None) else a_max
+        self.a_max = a_max  # None or inf: unbounded, whatever the init
         K, N, H = cell.num_gates, state_dim, num_heads
         rows = dict(getattr(cell, "recurrent_params", {"A": K}))
         self.recurrent_names = tuple(rows)
@@ -144,12 +157,18 @@ class ParaRNN(nn.Module):
                     p[0] = -torch.linspace(0, 1, N, device=p.device, dtype=p.dtype)
             else:  # recurrent: xLSTM-style N(0, (2/sqrt(5N))^2)
                 p.normal_(0.0, 2.0 / math.sqrt(5 * N))
-                if self.a_max is not None:
+                if self.bounded:
                     p.clamp_(-self.a_max, self.a_max)
 
+    @property
+    def bounded(self) -> bool:
+        """Whether A (and C) are clamped: ``a_max`` is a finite number."""
+        return self.a_max is not None and not math.isinf(self.a_max)
+
     def recurrent_weights(self) -> tuple:
+        """The recurrent parameters as the cell sees them (clamped to [-a_max, a_max])."""
         ps = tuple(getattr(self, n) for n in self.recurrent_names)
-        if self.a_max is not None:
+        if self.bounded:
             ps = tuple(p.clamp(-self.a_max, self.a_max) for p in ps)
         return ps
 
@@ -210,28 +229,49 @@ class ParaRNN(nn.Module):
 
 
 _A_MAX_KEY = "newtonlm_a_max"  # in the state_dict's per-module metadata (no extra tensor keys)
+_MISSING = object()
 _accept_clamped = False
 
 
 def _save_a_max(module, state_dict, prefix, local_metadata):
-    """state_dict hook: record the clamp the saved weights were used with."""
+    """state_dict hook: record the clamp the saved weights were used with (None: unbounded)."""
     local_metadata[_A_MAX_KEY] = module.a_max
 
 
+def _bound(a_max) -> float:
+    return math.inf if a_max is None else float(a_max)
+
+
 def _check_loaded_a_max(module, state_dict, prefix, local_metadata, *_):
-    """load_state_dict pre-hook of ParaRNN: refuse recurrent weights its ``a_max`` clamp would change."""
-    if module.a_max is None or local_metadata.get(_A_MAX_KEY) == module.a_max:
-        return  # no clamp, or saved by a layer that applied this very clamp: same outputs
+    """load_state_dict pre-hook of ParaRNN: refuse recurrent weights whose outputs would change.
+
+    The saved model saw clamp(v, saved a_max) (its metadata; unknown: taken as unbounded), this
+    layer sees clamp(v, module.a_max): the same wherever |v| <= the smaller bound."""
+    saved = local_metadata.get(_A_MAX_KEY, _MISSING)
+    if saved is not _MISSING and _bound(saved) == _bound(module.a_max):
+        return  # saved by a layer that applied this very clamp: same outputs
+    known = saved is not _MISSING and saved is not None
+    bound = min(_bound(module.a_max), _bound(saved) if known else math.inf)
+    if math.isinf(bound):
+        return
     for name in module.recurrent_names:
         v = state_dict.get(prefix + name)
         if not isinstance(v, torch.Tensor) or v.is_meta or v.numel() == 0:
             continue  # missing, partitioned or shape-less entries are load_state_dict's business
         top = v.detach().abs().max()
-        if not bool(top > module.a_max):  # compared in v's dtype, as the clamp does
+        if not bool(top > bound):  # compared in v's dtype, as the clamp does
             continue
         top = top.item()
+        if known and _bound(saved) < _bound(module.a_max):
+            raise ValueError(
+                f"state_dict entry {prefix + name} (max |value| {top:.4g} > {saved:g}): these weights "
+                f"were saved by a newtonlm layer that clamps {name} to [-{saved:g}, {saved:g}] in "
+                f"every forward, but this layer has a_max={module.a_max}, so its outputs would "
+                f"differ. Build the layer (the model config) with a_max={saved:g}; a newtonlm model "
+                "config saved before 2026-12-02 with a_max=None and cell_init='lm' was trained "
+                "with a_max=0.5")
         where = f"{prefix + name} (max |value| {top:.4g} > a_max={module.a_max})"
-        if _accept_clamped:
+        if _accept_clamped and not known:
             log.info("loading %s: accepted, the clamp to [-a_max, a_max] applies in every "
                         "forward (accept_clamped_weights)", where)
             continue
@@ -250,7 +290,8 @@ def accept_clamped_weights():
     """Within this context ParaRNN layers load recurrent weights beyond their ``a_max`` (logged per
     parameter at INFO level: the normal case for trained weights, not a console warning): for
     weights trained by newtonlm with the same ``a_max``, whose clamp is part of the model, arriving
-    without the metadata a newtonlm state_dict carries (e.g. consolidated by DeepSpeed's zero_to_fp32)."""
+    without the metadata a newtonlm state_dict carries (e.g. consolidated by DeepSpeed's zero_to_fp32).
+    A state_dict whose metadata records a different clamp still raises."""
     global _accept_clamped
     before, _accept_clamped = _accept_clamped, True
     try:

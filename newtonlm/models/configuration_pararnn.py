@@ -11,9 +11,14 @@ that they can be copied next to exported weights (``trust_remote_code``).
 
 from __future__ import annotations
 
+import logging
+import math
+
 from transformers import PreTrainedConfig
 
 from newtonlm.kernels import MODES, NewtonConfig
+
+log = logging.getLogger(__name__)
 
 CELLS = ("gru", "lstm")
 CELL_INITS = ("reference", "lm")
@@ -66,8 +71,15 @@ class ParaRNNConfig(PreTrainedConfig):
         cell_init: "lm" (as in the reproductions' LM training: A, C ~ N(0, (2/sqrt(5N))^2), B
             kaiming-uniform, biases 0) or "reference" (the ParaRNN code: B xavier-uniform, first bias
             row -linspace(0, 1, N)).
-        a_max: bound on |A| and |C| (clamped at init and in every forward; 0.5 in LM training keeps
-            the recurrence contracting, which keeps Newton at ~3 iterations). None: unbounded.
+        a_max: bound on |A| and |C| (clamped at init and in every forward; 0.5, the default and
+            every preset's value, in LM training keeps the recurrence contracting, which keeps
+            Newton at ~3 iterations). None or ``inf``: unbounded, for either ``cell_init``; stored
+            as ``inf`` (``{"__float__": "Infinity"}`` in a saved config.json, transformers'
+            encoding), so that a saved ``null`` is
+            recognizable as written by newtonlm before 2026-12-02, when ``a_max=None`` with
+            ``cell_init="lm"`` meant 0.5 in the layers: :meth:`from_dict` (``from_pretrained``)
+            loads such a config with ``a_max=0.5``, the value its weights were trained with,
+            and logs a warning.
         initializer_range: std of the normal init of embeddings and linear layers.
         max_position_embeddings: the context length evaluation tools assume (the recurrence itself
             has no limit); lm-evaluation-harness reads it.
@@ -120,6 +132,8 @@ class ParaRNNConfig(PreTrainedConfig):
             raise ValueError(f"cell_init={self.cell_init!r}; expected one of {CELL_INITS}")
         self.newton_config()  # validates newton_max_iters / newton_tol / newton_fallback
         _check_positive_number("a_max", self.a_max, allow_none=True)
+        if self.a_max is None:
+            self.a_max = math.inf  # unbounded; never saved as null (see from_dict)
         _check_positive_number("rms_norm_eps", self.rms_norm_eps)
         if isinstance(self.initializer_range, bool) or not isinstance(self.initializer_range, (int, float)) \
                 or self.initializer_range < 0:
@@ -128,6 +142,20 @@ class ParaRNNConfig(PreTrainedConfig):
             raise ValueError(f"tie_word_embeddings={self.tie_word_embeddings!r}; the ParaRNN LMs always "
                              "tie the LM head to the embedding (expected True)")
         super().__post_init__(**kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """A saved config (``from_pretrained``). ``a_max: null`` with ``cell_init: "lm"`` is only
+        written by newtonlm before 2026-12-02, whose layers then clamped at 0.5: loaded as 0.5,
+        the trained behaviour, with a warning (newer versions save an unbounded ``a_max`` as
+        ``{"__float__": "Infinity"}``)."""
+        if config_dict.get("a_max", 0.5) is None and config_dict.get("cell_init", "lm") == "lm":
+            log.warning("config a_max=null with cell_init='lm' was saved by newtonlm before "
+                        "2026-12-02, whose layers clamped A and C to [-0.5, 0.5] then: loaded with "
+                        "a_max=0.5, the trained behaviour (for an unbounded cell write "
+                        "\"a_max\": {\"__float__\": \"Infinity\"} in config.json)")
+            config_dict = {**config_dict, "a_max": 0.5}
+        return super().from_dict(config_dict, **kwargs)
 
     @property
     def d_inner(self) -> int:
