@@ -294,3 +294,20 @@ def test_saved_configs_keep_their_bound(tmp_path, caplog):
         with caplog.at_level(logging.WARNING, logger="newtonlm.models.configuration_pararnn"):
             assert ParaGRUConfig.from_pretrained(tmp_path).a_max == want
         assert ("a_max=null with cell_init='lm'" in caplog.text) == (cell_init == "lm")
+
+
+def test_a_run_config_with_a_max_null_keeps_its_trained_bound(caplog):
+    """config.yaml files written before 2026-12-02 say a_max: null with cell_init: lm, and their layers
+    clamped at 0.5: resuming and exporting such a run must build the same model; unbounded is .inf."""
+    import math
+
+    from newtonlm.models import model_config
+
+    preset = {"arch": "paragru", "hidden_size": 16, "num_hidden_layers": 1, "num_heads": 2, "cell_init": "lm"}
+    with caplog.at_level("WARNING"):
+        assert model_config({**preset, "a_max": None}, 64).a_max == 0.5
+    assert "write model.a_max=.inf" in caplog.text
+    assert math.isinf(model_config({**preset, "a_max": math.inf}, 64).a_max)
+    assert model_config({**preset, "a_max": 0.9}, 64).a_max == 0.9
+    # the reference init never had the implicit bound: null stays unbounded there
+    assert math.isinf(model_config({**preset, "cell_init": "reference", "a_max": None}, 64).a_max)

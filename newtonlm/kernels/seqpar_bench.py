@@ -47,7 +47,7 @@ def _rank_main(rank, world, init_file, spec, out_queue):
         torch.manual_seed(0)
         cls = ParaGRU if spec["cell"] == "gru" else ParaLSTM
         N = spec["N"]
-        layer = cls(N, N, spec["heads"], mode=spec["mode"], init="lm",
+        layer = cls(N, N, spec["heads"], mode=spec["mode"], init="lm", a_max=0.5,  # the presets' bound
                     newton=NewtonConfig(max_iters=3))
         x = torch.randn(spec["B"], spec["T"], N)
         if spec["split"]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 from collections.abc import Mapping
 
 import torch
@@ -26,6 +27,8 @@ from transformers import (
 from .baselines import llama_config, mamba2_config
 from .configuration_pararnn import ParaGRUConfig, ParaLSTMConfig
 from .modeling_pararnn import ParaGRUForCausalLM, ParaLSTMForCausalLM
+
+log = logging.getLogger(__name__)
 
 ARCHS = ("paragru", "paralstm", "llama", "mamba2")
 
@@ -89,6 +92,14 @@ def model_config(model_cfg, vocab_size: int) -> PreTrainedConfig:
     if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size <= 0:
         raise ValueError(f"vocab_size={vocab_size!r}; expected a positive integer (the tokenizer's size)")
     arch, fields = split_preset(model_cfg)
+    if arch in ("paragru", "paralstm") and "a_max" in fields and fields["a_max"] is None \
+            and fields.get("cell_init", "lm") == "lm":
+        # a run directory's config.yaml written before 2026-12-02, when null with cell_init=lm meant
+        # the layers' 0.5 (as ParaRNNConfig.from_dict reads old config.json files): the same value
+        # here, so that resuming and exporting old runs keep the trained behaviour
+        log.warning("model.a_max=null with cell_init=lm is read as 0.5 (what it meant before "
+                    "2026-12-02); write model.a_max=.inf for an unbounded cell")
+        fields = {**fields, "a_max": 0.5}
     try:
         if arch == "llama":
             return llama_config(fields, vocab_size)
