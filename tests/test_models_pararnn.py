@@ -270,10 +270,13 @@ def test_every_preset_bounds_its_cells_at_the_config_a_max(preset):
 
 def test_a_max_default_none_and_inf():
     assert ParaGRUConfig().a_max == 0.5
-    for unbounded in (None, float("inf")):
-        model = _model("paragru", a_max=unbounded, num_hidden_layers=2)
-        assert model.config.a_max == float("inf")  # stored as inf: a saved null is an old config
-        assert all(not layer.mixer.cell.bounded for layer in model.model.layers)
+    assert ParaGRUConfig(a_max=None).a_max == float("inf")  # the config class: None is no bound, saved as inf
+    model = _model("paragru", a_max=float("inf"), num_hidden_layers=2)
+    assert model.config.a_max == float("inf")
+    assert all(not layer.mixer.cell.bounded for layer in model.model.layers)
+    # a preset / run config saying null is read as its pre-2026-12-02 meaning, 0.5 (see
+    # test_a_run_config_with_a_max_null_keeps_its_trained_bound)
+    assert _model("paragru", a_max=None, num_hidden_layers=1).config.a_max == 0.5
 
 
 def test_saved_configs_keep_their_bound(tmp_path, caplog):
