@@ -71,6 +71,22 @@ def adjoint_backward(cell, u, params, h0, h, grad_h, scan_backend: str | None, f
     return du, dh0, dparams
 
 
+def mode_adjoint(cell, mode: str, u, params, h0, h, grad_h):
+    """(du, dh0, dparams) of a solve in ``mode``: the fused Triton adjoint for mode ``fused``,
+    otherwise :func:`adjoint_backward` on the path ``choose_path`` picks (also for one rank's chunk
+    of a sequence-parallel solve, entered with its incoming state as ``h0``)."""
+    if mode == "fused":
+        from . import triton_fused
+
+        if type(cell) is GRUCell:
+            du, dA, dh0 = triton_fused.fused_gru_backward(u, params[0], h0, h, grad_h)
+            return du, dh0, (dA,)
+        du, dA, dC, dh0 = triton_fused.fused_lstm_backward(u, params[0], params[1], h0, h, grad_h)
+        return du, dh0, (dA, dC)
+    path = choose_path(mode, u.device, cell.structure, "backward", u.dtype, is_builtin(cell))
+    return adjoint_backward(cell, u, tuple(params), h0, h, grad_h, path.scan, path.fused)
+
+
 class _ParallelRNN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cell, cfg, stats, mode, u, h0, *params):
@@ -82,21 +98,8 @@ class _ParallelRNN(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h):
         u, h0, h, *params = ctx.saved_tensors
-        cell, mode = ctx.cell, ctx.mode
-        if mode == "fused":
-            from . import triton_fused
-
-            if type(cell) is GRUCell:
-                du, dA, dh0 = triton_fused.fused_gru_backward(u, params[0], h0, h, grad_h)
-                dparams = (dA,)
-            else:
-                du, dA, dC, dh0 = triton_fused.fused_lstm_backward(u, params[0], params[1], h0, h,
-                                                                   grad_h)
-                dparams = (dA, dC)
-        else:
-            path = choose_path(mode, u.device, cell.structure, "backward", u.dtype, is_builtin(cell))
-            du, dh0, dparams = adjoint_backward(cell, u, tuple(params), h0, h, grad_h.to(u.dtype),
-                                                path.scan, path.fused)
+        grad_h = grad_h if ctx.mode == "fused" else grad_h.to(u.dtype)
+        du, dh0, dparams = mode_adjoint(ctx.cell, ctx.mode, u, tuple(params), h0, h, grad_h)
         dparams = tuple(g.to(p.dtype) for g, p in zip(dparams, params))
         dh0 = dh0 if ctx.has_h0 else None
         return (None, None, None, None, du.to(u.dtype), dh0, *dparams)
@@ -144,4 +147,4 @@ def parallel_rnn(cell: Cell, u: torch.Tensor, params: tuple = (), h0: torch.Tens
 
 parallel_rnn = torch.compiler.disable(parallel_rnn)
 
-__all__ = ["parallel_rnn", "adjoint_backward", "resolve_mode", "MODES", "state_shape"]
+__all__ = ["parallel_rnn", "adjoint_backward", "mode_adjoint", "resolve_mode", "MODES", "state_shape"]

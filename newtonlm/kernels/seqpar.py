@@ -41,8 +41,8 @@ import torch
 import torch.distributed as dist
 
 from . import newton as nt
-from .cells import DIAG, Cell, GRUCell
-from .function import _check_inputs, adjoint_backward, resolve_mode
+from .cells import DIAG, Cell
+from .function import _check_inputs, mode_adjoint, resolve_mode
 from .newton import NewtonConfig, NewtonDivergence, NewtonResult, NewtonStats
 from .scan import choose_path, linear_scan
 
@@ -367,16 +367,7 @@ def _solve_sp(ring, cell, u, params, h0, cfg, mode, stats):
 def _local_adjoint(cell, mode, u, params, h_in, h, g):
     """The single-process adjoint of one chunk entered with state ``h_in`` (what
     ``function._ParallelRNN.backward`` runs). -> (du, d h_in, dparams)."""
-    if mode == "fused":
-        from . import triton_fused
-
-        if type(cell) is GRUCell:
-            du, dA, dh_in = triton_fused.fused_gru_backward(u, params[0], h_in, h, g)
-            return du, dh_in, (dA,)
-        du, dA, dC, dh_in = triton_fused.fused_lstm_backward(u, params[0], params[1], h_in, h, g)
-        return du, dh_in, (dA, dC)
-    path = choose_path(mode, u.device, cell.structure, "backward", u.dtype, nt.is_builtin(cell))
-    return adjoint_backward(cell, u, params, h_in, h, g, path.scan, path.fused)
+    return mode_adjoint(cell, mode, u, params, h_in, h, g)
 
 
 def _adjoint_sp(ring: _Ring, cell, mode, u, params, h_in, h, g):
